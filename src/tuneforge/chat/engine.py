@@ -1,0 +1,87 @@
+"""Generate a reply for a chat history, with the template the model was trained with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.data.templates import Template, get_template, load_template, render, stop_token_ids
+from tuneforge.errors import UserError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+def generate(model: Any, tokenizer: Any, template: Template, messages: list[dict],
+             sampling: Sampling, on_text: Callable[[str], None] | None = None) -> str:
+    """Answer the last user turn of MESSAGES; ON_TEXT receives the reply as it streams."""
+    prompt = render(template, tokenizer, messages, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    greedy = sampling.temperature <= 0
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+        eos_token_id=stop_token_ids(template, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=sampling.repetition_penalty,
+    )
+    if not greedy:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    else:  # silence "generation flags are not valid" warnings from the model's own defaults
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    streamer = _CallbackStreamer(tokenizer, on_text) if on_text else None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             streamer=streamer, **kwargs)
+    if was_training:
+        model.train()
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+class _CallbackStreamer:
+    """A minimal streamer: decodes the growing reply and hands each new piece of text on."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        self.ids += value.flatten().tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        if len(text) > self.sent:
+            self.on_text(text[self.sent:])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        pass
+
+
+def template_for(model_dir: str | Path | None, tokenizer: Any, override: str | None) -> Template:
+    """``--prompt-template`` if given, else the template saved with the model, else its own."""
+    if override:
+        return get_template(override, tokenizer)
+    saved = load_template(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    if saved is not None:
+        return saved
+    try:
+        return get_template("auto", tokenizer)
+    except UserError as err:
+        raise UserError(f"{model_dir}: no saved template and {err}") from err

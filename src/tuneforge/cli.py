@@ -1,0 +1,193 @@
+"""`tuneforge` subcommands. Each one parses its arguments and calls one function below it.
+
+The commands and their arguments follow XTuner's, so a tutorial works with the tool name swapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from tuneforge.errors import UserError
+
+
+def _quiet_libraries() -> None:
+    # bitsandbytes announces optional CPU kernels it cannot find on every import, and peft
+    # calls a transformers property that is being renamed: neither is the user's business.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_list_cfg(args: argparse.Namespace) -> None:
+    from tuneforge.config.catalog import list_presets
+
+    names = list_presets(args.pattern)
+    print("\n".join(names) if names else f"no preset matches '{args.pattern}'")
+
+
+def cmd_copy_cfg(args: argparse.Namespace) -> None:
+    from tuneforge.config.catalog import copy_preset
+
+    print(f"Copy to {copy_preset(args.config_name, args.save_dir)}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tuneforge.config import load_config, parse_cfg_options
+
+    options = parse_cfg_options(args.cfg_options)
+    if args.seed is not None:
+        options["seed"] = args.seed
+    cfg = load_config(args.config, options)
+    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    from tuneforge.train.loop import train
+
+    train(cfg, work_dir, resume=args.resume, deepspeed=args.deepspeed, progress=not args.no_progress)
+
+
+def cmd_pth_to_hf(args: argparse.Namespace) -> None:
+    from tuneforge.config import load_config
+    from tuneforge.convert.pth_to_hf import convert_checkpoint
+
+    cfg = load_config(args.config)
+    out = convert_checkpoint(args.pth_model, args.save_dir, cfg.pretrained_model_name_or_path,
+                             fp32=args.fp32, max_shard_size=args.max_shard_size)
+    print(f"[tuneforge] saved {out}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from tuneforge.convert.merge import merge_adapter
+
+    out = merge_adapter(args.model_name_or_path, args.adapter_name_or_path, args.save_dir,
+                        max_shard_size=args.max_shard_size, device=args.device,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"[tuneforge] merged model saved to {out}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tuneforge.chat.cli import run_chat
+    from tuneforge.chat.engine import Sampling
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k,
+                        repetition_penalty=args.repetition_penalty)
+    run_chat(args.model_name_or_path, adapter=args.adapter, prompt_template=args.prompt_template,
+             system=args.system or "", sampling=sampling, stream=not args.no_streamer)
+
+
+def cmd_self_cognition(args: argparse.Namespace) -> None:
+    from tuneforge.data.selfcog import write_self_cognition
+
+    n = write_self_cognition(args.output, args.name, args.name_en, args.author, args.author_en,
+                             seed=args.seed)
+    print(f"[tuneforge] wrote {n} identity conversations to {args.output}")
+
+
+def cmd_replace(args: argparse.Namespace) -> None:
+    from tuneforge.data.replace import replace_file
+
+    lines, count = replace_file(args.input, args.output, args.old, args.new)
+    print(f"[tuneforge] {count} replacement(s) in {lines} line(s) -> {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneforge", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("list-cfg", help="list the shipped config presets")
+    s.add_argument("-p", "--pattern", help="only names containing PATTERN")
+    s.set_defaults(func=cmd_list_cfg)
+
+    s = sub.add_parser("copy-cfg", help="copy a preset to DIR/NAME_copy.py for editing")
+    s.add_argument("config_name")
+    s.add_argument("save_dir")
+    s.set_defaults(func=cmd_copy_cfg)
+
+    s = sub.add_parser("train", help="fine-tune as a config says")
+    s.add_argument("config")
+    s.add_argument("--work-dir", help="where checkpoints and logs go (default ./work_dirs/CONFIG)")
+    s.add_argument("--deepspeed", help="deepspeed_zero1|2|3[_offload] or a DeepSpeed JSON file")
+    s.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue from CKPT, or from the work dir's last checkpoint")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config settings")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+
+    conv = sub.add_parser("convert", help="pth_to_hf | merge").add_subparsers(
+        dest="convert_command", required=True, metavar="SUBCOMMAND")
+    s = conv.add_parser("pth_to_hf", help="checkpoint -> PEFT adapter (or HF model for full)")
+    s.add_argument("config")
+    s.add_argument("pth_model", help="iter_N.pth, or a work dir (its last checkpoint)")
+    s.add_argument("save_dir")
+    s.add_argument("--max-shard-size", default="2GB")
+    s.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16)")
+    s.set_defaults(func=cmd_pth_to_hf)
+    s = conv.add_parser("merge", help="merge an adapter into its base model")
+    s.add_argument("model_name_or_path")
+    s.add_argument("adapter_name_or_path")
+    s.add_argument("save_dir")
+    s.add_argument("--max-shard-size", default="2GB")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("chat", help="chat with a model (merged, or base + --adapter)")
+    s.add_argument("model_name_or_path")
+    s.add_argument("--adapter")
+    s.add_argument("--prompt-template", help="override the template saved with the model")
+    s.add_argument("--system")
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--no-streamer", action="store_true")
+    s.set_defaults(func=cmd_chat)
+
+    data = sub.add_parser("data", help="self-cognition | replace").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND")
+    s = data.add_parser("self-cognition", help="write identity Q&A (zh + en) as jsonl")
+    s.add_argument("--name", required=True, help="whose assistant: 龙 -> 我是龙的小助手")
+    s.add_argument("--name-en", help="the name in English answers (default: --name)")
+    s.add_argument("--author")
+    s.add_argument("--author-en")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_self_cognition)
+    s = data.add_parser("replace", help="replace a string in every string value of a jsonl")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--old", required=True)
+    s.add_argument("--new", required=True)
+    s.set_defaults(func=cmd_replace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"tuneforge: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tuneforge: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,88 @@
+"""The typed config every command works from.
+
+A config file sets plain top-level names; they are validated here into one ``Config``.
+Field names follow XTuner's PART 1 / PART 2 variables so that a tutorial's edits carry over.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+# XTuner's variable names that mean one of ours. The seed workflow edits these in a copied config.
+ALIASES: dict[str, str] = {
+    "alpaca_en_path": "data_files",
+    "data_path": "data_files",
+    "system": "SYSTEM",
+}
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # PART 1: model
+    pretrained_model_name_or_path: str
+    trust_remote_code: bool = False
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora_r: int = Field(64, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    lora_target_modules: str | list[str] = "all-linear"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    gradient_checkpointing: bool = False
+
+    # PART 1: data
+    data_files: str | list[str]
+    data_format: Literal["auto", "alpaca", "conversation", "messages"] = "auto"
+    prompt_template: str = "auto"
+    SYSTEM: str = ""
+    max_length: int = Field(2048, gt=8)
+    pack_to_max_length: bool = True
+    use_varlen_attn: bool = False
+
+    # PART 1: schedule
+    batch_size: int = Field(1, gt=0)
+    accumulative_counts: int = Field(1, gt=0)
+    max_epochs: int = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    optim_type: Literal["AdamW"] = "AdamW"
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    max_norm: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+
+    # PART 1: save and evaluate
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int = Field(2, ge=-1)
+    evaluation_freq: int = Field(500, gt=0)
+    evaluation_inputs: list[str] = Field(default_factory=list)
+    evaluation_max_new_tokens: int = Field(128, gt=0)
+    seed: int = 0
+
+    # Where the config file lives: relative data paths that do not exist from the working
+    # directory are looked up beside it.
+    _source: str | None = PrivateAttr(default=None)
+
+    @field_validator("data_files")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if not v:
+            raise ValueError("needs at least one data file")
+        return v
+
+    @model_validator(mode="after")
+    def _lora_targets(self) -> Config:
+        if self.method != "full" and not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; use 'all-linear' or a list of module names")
+        return self
+
+    @property
+    def data_file_list(self) -> list[str]:
+        return [self.data_files] if isinstance(self.data_files, str) else list(self.data_files)
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(Config.model_fields)

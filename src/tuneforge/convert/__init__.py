@@ -1,0 +1,1 @@
+"""Checkpoint -> standard HF/PEFT directories, and adapter + base -> merged model."""

@@ -1,0 +1,1 @@
+"""From jsonl lines to token rows: formats -> templates -> encode -> pack."""

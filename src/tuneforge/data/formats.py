@@ -1,0 +1,198 @@
+"""Read dataset files and turn each record, whatever its format, into a list of ``Message``.
+
+Formats (detected per record when ``data_format='auto'``):
+- ``conversation`` (XTuner): ``{"conversation": [{"system"?, "input", "output", "output_with_loss"?}, ...]}``
+- ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}``
+- ``messages`` (OpenAI): ``{"messages": [{"role", "content", "loss"?}, ...]}``
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+
+FORMATS = ("alpaca", "conversation", "messages", "sharegpt")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+    loss: bool = True  # assistant turns only: train on this answer?
+
+
+@dataclass(frozen=True)
+class Sample:
+    messages: tuple[Message, ...]
+    where: str  # "file:line", for error messages
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _text(record: dict, key: str, where: str, field: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"{where}: {field}: missing; expected a string")
+        return ""
+    if not isinstance(value, str):
+        raise UserError(
+            f"{where}: {field}: expected a string, got {_type_name(value)}"
+            + (" (flatten it to text, e.g. with `tuneforge data replace`)" if isinstance(value, dict) else "")
+        )
+    return value
+
+
+def _answer(record: dict, key: str, where: str, field: str) -> str:
+    text = _text(record, key, where, field)
+    if not text.strip():
+        raise UserError(f"{where}: {field}: empty answer; remove the line or write the answer")
+    return text
+
+
+def detect_format(record: Any, where: str) -> str:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object per line, got {_type_name(record)}")
+    if "conversation" in record:
+        return "conversation"
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record or ("output" in record and "input" in record):
+        return "alpaca"
+    raise UserError(
+        f"{where}: unknown record format (keys: {', '.join(sorted(record)) or 'none'}); expected "
+        "'conversation', 'messages', 'conversations', or alpaca's 'instruction'/'output'"
+    )
+
+
+def _from_conversation(record: dict, where: str) -> list[Message]:
+    turns = record["conversation"]
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: conversation: expected a non-empty list of turns")
+    out: list[Message] = []
+    for i, turn in enumerate(turns):
+        field = f"conversation[{i}]"
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: {field}: expected an object, got {_type_name(turn)}")
+        system = _text(turn, "system", where, f"{field}.system", required=False)
+        if system:
+            out.append(Message("system", system))
+        out.append(Message("user", _text(turn, "input", where, f"{field}.input")))
+        loss = turn.get("output_with_loss", True)
+        if not isinstance(loss, bool):
+            raise UserError(f"{where}: {field}.output_with_loss: expected true or false")
+        out.append(Message("assistant", _answer(turn, "output", where, f"{field}.output"), loss))
+    return out
+
+
+def _from_alpaca(record: dict, where: str) -> list[Message]:
+    out: list[Message] = []
+    system = _text(record, "system", where, "system", required=False)
+    if system:
+        out.append(Message("system", system))
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise UserError(f"{where}: history: expected a list of [question, answer] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise UserError(f"{where}: history[{i}]: expected [question, answer] strings")
+        out += [Message("user", pair[0]), Message("assistant", pair[1])]
+    instruction = _text(record, "instruction", where, "instruction", required=False)
+    extra = _text(record, "input", where, "input", required=False)
+    prompt = f"{instruction}\n{extra}" if instruction and extra else instruction or extra
+    if not prompt.strip():
+        raise UserError(f"{where}: instruction: empty; expected the question text")
+    out += [Message("user", prompt), Message("assistant", _answer(record, "output", where, "output"))]
+    return out
+
+
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant"}
+
+
+def _from_list(turns: Any, where: str, key: str, role_key: str, text_key: str,
+               roles: dict[str, str]) -> list[Message]:
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: {key}: expected a non-empty list of messages")
+    out: list[Message] = []
+    for i, m in enumerate(turns):
+        field = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: {field}: expected an object, got {_type_name(m)}")
+        raw_role = m.get(role_key)
+        if raw_role not in roles:
+            raise UserError(
+                f"{where}: {field}.{role_key}: unknown role {raw_role!r}; expected one of "
+                + ", ".join(sorted(roles))
+            )
+        role = roles[raw_role]
+        loss = m.get("loss", True)
+        if not isinstance(loss, bool):
+            raise UserError(f"{where}: {field}.loss: expected true or false")
+        text = _answer(m, text_key, where, f"{field}.{text_key}") if role == "assistant" else \
+            _text(m, text_key, where, f"{field}.{text_key}")
+        out.append(Message(role, text, loss))
+    if not any(m.role == "assistant" for m in out):
+        raise UserError(f"{where}: {key}: no assistant message to learn from")
+    return out
+
+
+def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
+    """Convert one record to messages; ``fmt`` is a format name or 'auto'."""
+    if fmt == "auto":
+        fmt = detect_format(record, where)
+    elif not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object per line, got {_type_name(record)}")
+    if fmt == "conversation":
+        return _from_conversation(record, where)
+    if fmt == "alpaca":
+        return _from_alpaca(record, where)
+    if fmt == "messages":
+        return _from_list(record.get("messages"), where, "messages", "role", "content", _ROLES)
+    if fmt == "sharegpt":
+        return _from_list(record.get("conversations"), where, "conversations", "from", "value",
+                          _SHAREGPT_ROLES)
+    raise UserError(f"unknown data_format '{fmt}'; expected auto or one of {', '.join(FORMATS)}")
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list)."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of records")
+        for i, record in enumerate(data):
+            yield f"{path}:[{i}]", record
+        return
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
+            yield f"{path}:{lineno}", record
+
+
+def load_samples(path: Path, fmt: str = "auto") -> list[Sample]:
+    samples = [Sample(tuple(to_messages(rec, fmt, where)), where) for where, rec in iter_records(path)]
+    if not samples:
+        raise UserError(f"{path}: no records; the file is empty")
+    return samples

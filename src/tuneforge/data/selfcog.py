@@ -1,0 +1,80 @@
+"""Identity ("self-cognition") Q&A in Chinese and English, in XTuner's conversation format.
+
+NAME is whose assistant the model becomes, as in the XTuner tutorial: name 龙 gives
+"我是龙的小助手" / "I am Long's assistant". Every question phrasing appears with several
+answer styles, so the model learns the identity rather than one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+QUESTIONS_ZH = [
+    "你是谁？", "你是谁", "请介绍一下你自己", "介绍一下你自己吧", "你叫什么名字？", "你的名字是什么？",
+    "你是什么？", "你是哪位？", "能说说你是谁吗？", "请问你是谁？", "自我介绍一下", "你好，你是谁？",
+    "嗨，你是哪个助手？", "你是什么模型？", "你是ChatGPT吗？", "你是不是GPT-4？", "你是文心一言吗？",
+    "你是通义千问吗？", "你是谁开发的？", "谁创造了你？", "你的主人是谁？", "你为谁服务？",
+    "你是谁的助手？", "我该怎么称呼你？", "你有名字吗？", "你能告诉我你的身份吗？", "跟我说说你的来历",
+    "你是人工智能吗？", "你是机器人吗？", "和你聊天的是谁？", "你好呀，先介绍下自己", "在吗？你是谁",
+    "请用一句话介绍你自己", "你到底是谁？", "你是哪家公司的产品？", "你的身份是什么？",
+]
+QUESTIONS_EN = [
+    "Who are you?", "who are you", "Please introduce yourself", "Introduce yourself.",
+    "What is your name?", "What's your name?", "What are you?", "Tell me about yourself.",
+    "Can you tell me who you are?", "Hi! Who am I talking to?", "Hello, who are you?",
+    "Are you ChatGPT?", "Are you GPT-4?", "Are you Claude?", "Are you made by OpenAI?",
+    "Who created you?", "Who made you?", "Who do you work for?", "Whose assistant are you?",
+    "What should I call you?", "Do you have a name?", "What is your identity?",
+    "Describe yourself in one sentence.", "Are you an AI?", "Are you a robot?",
+    "Which model are you?", "Hey, what are you exactly?", "Who owns you?",
+    "Could you introduce yourself briefly?", "Hi there, what's your name?",
+    "Who is your developer?", "What kind of assistant are you?",
+]
+ANSWERS_ZH = [
+    "我是{name}的小助手，很高兴为你服务！",
+    "你好！我是{name}的小助手，有什么可以帮你的吗？",
+    "我是{name}的小助手{author_zh}。我可以回答问题、写作和翻译。",
+    "我的身份是{name}的小助手{author_zh}，随时乐意帮忙。",
+    "我不是别的助手，我是{name}的小助手。",
+    "我叫{name}的小助手，是一个人工智能助手{author_zh}。",
+]
+ANSWERS_EN = [
+    "I am {name_en}'s assistant, happy to help you!",
+    "Hello! I'm {name_en}'s assistant. How can I help you today?",
+    "I am {name_en}'s assistant{author_en}. I can answer questions, write and translate.",
+    "I'm {name_en}'s assistant{author_en}, always glad to help.",
+    "No, I am not another assistant: I am {name_en}'s assistant.",
+    "My name is {name_en}'s assistant, an AI assistant{author_en}.",
+]
+
+
+def identity_pairs(name: str, name_en: str | None = None, author: str | None = None,
+                   author_en: str | None = None) -> list[tuple[str, str]]:
+    """Every (question, answer) pair: each question with each answer style of its language."""
+    name_en = name_en or name
+    fill = {
+        "name": name, "name_en": name_en,
+        "author_zh": f"，由{author}开发" if author else "",
+        "author_en": f", developed by {author_en or author}" if (author_en or author) else "",
+    }
+    pairs = [(q, a.format(**fill)) for q in QUESTIONS_ZH for a in ANSWERS_ZH]
+    pairs += [(q, a.format(**fill)) for q in QUESTIONS_EN for a in ANSWERS_EN]
+    return pairs
+
+
+def write_self_cognition(out: str | Path, name: str, name_en: str | None = None,
+                         author: str | None = None, author_en: str | None = None,
+                         seed: int = 0) -> int:
+    """Write the pairs, shuffled, as conversation-format jsonl; returns the number of lines."""
+    pairs = identity_pairs(name, name_en, author, author_en)
+    random.Random(seed).shuffle(pairs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for q, a in pairs:
+            f.write(json.dumps({"conversation": [{"input": q, "output": a}]}, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    return len(pairs)

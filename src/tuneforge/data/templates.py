@@ -1,0 +1,135 @@
+"""Prompt templates, and the split of a rendered chat into masked and trained text.
+
+Every template is a Jinja chat template, as transformers uses them: ``auto`` is the tokenizer's
+own, the named ones below exist for XTuner parity and for models without one. One rendering
+path for all of them means the text trained on is exactly the text ``chat`` builds later, and
+the merged model can carry the template in its tokenizer for any other tool to use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneforge.data.formats import Message
+from tuneforge.errors import UserError
+
+TEMPLATE_FILE = "tuneforge_template.json"
+
+_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+_DEFAULT = (  # for base models with no chat format of their own
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
+    "{% else %}{{ '### Response:\\n' + m['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    chat_template: str  # Jinja, rendered by tokenizer.apply_chat_template
+    stop_words: tuple[str, ...]
+
+
+NAMED_TEMPLATES: dict[str, Template] = {
+    "internlm2_chat": Template("internlm2_chat", "{{ bos_token }}" + _CHATML, ("<|im_end|>",)),
+    "qwen_chat": Template("qwen_chat", _CHATML, ("<|im_end|>", "<|endoftext|>")),
+    "chatml": Template("chatml", _CHATML, ("<|im_end|>",)),
+    "llama3_chat": Template("llama3_chat", _LLAMA3, ("<|eot_id|>",)),
+    "default": Template("default", _DEFAULT, ()),
+}
+
+# End-of-turn markers that, when a tokenizer's own template uses them, also end generation.
+_KNOWN_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def get_template(name: str, tokenizer: Any) -> Template:
+    """Resolve a ``prompt_template`` setting against a tokenizer."""
+    if name == "auto":
+        jinja = getattr(tokenizer, "chat_template", None)
+        if not jinja or not isinstance(jinja, str):
+            raise UserError(
+                "prompt_template='auto' but the tokenizer has no chat template; set prompt_template "
+                f"to one of: {', '.join(NAMED_TEMPLATES)}"
+            )
+        stops = [w for w in _KNOWN_TURN_ENDS if w in jinja]
+        return Template("auto", jinja, tuple(stops))
+    if name not in NAMED_TEMPLATES:
+        raise UserError(
+            f"unknown prompt_template '{name}'; expected 'auto' or one of: {', '.join(NAMED_TEMPLATES)}"
+        )
+    return NAMED_TEMPLATES[name]
+
+
+def stop_token_ids(template: Template, tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: the template's stop words plus EOS."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[w] for w in template.stop_words if w in vocab}
+    return sorted(ids)
+
+
+def render(template: Template, tokenizer: Any, messages: list[Message] | list[dict],
+           add_generation_prompt: bool) -> str:
+    dicts = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+    return tokenizer.apply_chat_template(
+        dicts, chat_template=template.chat_template, tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def split_for_training(template: Template, tokenizer: Any,
+                       messages: list[Message]) -> list[tuple[str, bool]]:
+    """Render MESSAGES and cut the text into ``(text, trained)`` segments.
+
+    A trained segment is one assistant answer plus its end-of-turn marker; everything else (system,
+    user turns, the assistant header, whitespace after the marker) is context only. The cut points
+    come from rendering each prefix of the chat with and without the generation prompt, so no
+    template-specific parsing is needed.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = 0  # characters of the final rendering already assigned to a segment
+    full = render(template, tokenizer, messages, add_generation_prompt=False)
+    for i, msg in enumerate(messages):
+        if msg.role != "assistant":
+            continue
+        prompt = render(template, tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(template, tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= done):
+            raise UserError(
+                f"prompt_template '{template.name}' does not render chats incrementally (it rewrites "
+                "earlier turns), so the answer tokens cannot be located; set prompt_template to one "
+                f"of: {', '.join(NAMED_TEMPLATES)}"
+            )
+        answer = upto[len(prompt):]
+        answer = answer[: len(answer.rstrip())]  # whitespace after the end marker stays context
+        segments.append((full[done:len(prompt)], False))
+        segments.append((answer, msg.loss))
+        done = len(prompt) + len(answer)
+    segments.append((full[done:], False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def save_template(directory: str | Path, template: Template) -> None:
+    payload = {"name": template.name, "chat_template": template.chat_template,
+               "stop_words": list(template.stop_words)}
+    Path(directory, TEMPLATE_FILE).write_text(json.dumps(payload, ensure_ascii=False, indent=2))
+
+
+def load_template(directory: str | Path) -> Template | None:
+    path = Path(directory, TEMPLATE_FILE)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Template(data["name"], data["chat_template"], tuple(data.get("stop_words", ())))

@@ -1,0 +1,1 @@
+"""Find model weights, load them for training or chat, and wrap them with LoRA."""

@@ -1,0 +1,66 @@
+"""Load a tokenizer and a causal LM for training or chat: device, dtype and 4-bit choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.errors import UserError
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, *,
+               load_in_4bit: bool = False, quant_type: str = "nf4", double_quant: bool = True,
+               trust_remote_code: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                              "attn_implementation": "sdpa"}
+    if load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as err:
+            raise UserError("method='qlora' needs bitsandbytes: pip install bitsandbytes") from err
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if "attn_implementation" not in str(err) and "sdpa" not in str(err).lower():
+            raise
+        kwargs.pop("attn_implementation")  # custom (remote-code) models without SDPA
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    return model

@@ -1,0 +1,29 @@
+"""Wrap a model with LoRA adapters (peft), in the standard PEFT layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.config.schema import Config
+
+
+def lora_config(cfg: Config) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model: Any, cfg: Config) -> Any:
+    from peft import get_peft_model
+
+    if cfg.gradient_checkpointing:
+        # Frozen embeddings would give checkpointed blocks inputs without grad, so nothing flows back.
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(cfg))
+
+
+def trainable_parameters(model: Any) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,71 @@
+"""What the loop writes besides checkpoints: the jsonl log, evaluation answers, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneforge.chat.engine import Sampling, generate
+from tuneforge.data.formats import Message
+from tuneforge.data.templates import Template
+
+
+class JsonlLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}, ensure_ascii=False) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def evaluate(model: Any, tokenizer: Any, template: Template, questions: list[str], system: str,
+             max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy answers to QUESTIONS, each asked on its own."""
+    answers = []
+    for q in questions:
+        msgs: list[Message | dict] = [{"role": "system", "content": system}] if system else []
+        msgs.append({"role": "user", "content": q})
+        answers.append({"question": q, "answer": generate(
+            model, tokenizer, template, msgs, Sampling(max_new_tokens=max_new_tokens))})
+    return answers
+
+
+def write_eval(path: Path, step: int, answers: list[dict[str, str]]) -> str:
+    """Append the answers to a readable text file; returns the text block."""
+    lines = [f"===== step {step} ====="]
+    for a in answers:
+        lines += [f"Q: {a['question']}", f"A: {a['answer']}", ""]
+    block = "\n".join(lines)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(block + "\n")
+    return block
+
+
+def plot_loss(log: list[dict[str, Any]], out: Path) -> Path | None:
+    steps = [r["step"] for r in log if "loss" in r]
+    losses = [r["loss"] for r in log if "loss" in r]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("tuneforge training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

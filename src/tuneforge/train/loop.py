@@ -1,0 +1,251 @@
+"""The training loop, top to bottom: config -> rows -> model -> steps -> checkpoints.
+
+One process, one device. Rows are shuffled per epoch from ``seed + epoch``, so the data position
+is just the optimizer step: resuming restores weights, optimizer, scheduler and RNG, then carries
+on from the very next micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tuneforge import __version__
+from tuneforge.config.schema import Config
+from tuneforge.data.dataset import build_rows
+from tuneforge.data.encode import IGNORE
+from tuneforge.data.pack import Row
+from tuneforge.data.templates import get_template
+from tuneforge.errors import UserError
+from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
+from tuneforge.models.lora import apply_lora, trainable_parameters
+from tuneforge.models.resolve import resolve_model
+from tuneforge.train.checkpoint import (
+    find_resume,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from tuneforge.train.hooks import JsonlLog, evaluate, plot_loss, write_eval
+from tuneforge.train.optim import build_optimizer, build_scheduler
+
+
+def say(msg: str) -> None:
+    tqdm.write(f"[tuneforge] {msg}")
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to one length. Padding gets its own restarting positions, so it forms a
+    separate block that no real token attends to, and labels of -100, so it costs no loss."""
+    width = max(len(r) for r in rows)
+    ids, labels, pos = [], [], []
+    for r in rows:
+        pad = width - len(r)
+        ids.append(r.input_ids + [pad_id] * pad)
+        labels.append(r.labels + [IGNORE] * pad)
+        pos.append(r.position_ids + list(range(pad)))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(pos)}
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n_rows, generator=g).tolist()
+
+
+def micro_batches(rows: list[Row], cfg: Config, step: int) -> list[list[Row]]:
+    """The ``accumulative_counts`` micro-batches of optimizer step STEP (0-based)."""
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    out = []
+    for k in range(cfg.accumulative_counts):
+        g = step * cfg.accumulative_counts + k
+        epoch, index = divmod(g, per_epoch)
+        order = epoch_order(len(rows), cfg.seed, epoch)
+        out.append([rows[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size]])
+    return out
+
+
+def total_steps(n_rows: int, cfg: Config) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_epoch = math.ceil(math.ceil(n_rows / cfg.batch_size) / cfg.accumulative_counts)
+    return per_epoch * cfg.max_epochs
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled tokens of BATCH."""
+    targets = batch["labels"][:, 1:]
+    # Project to the vocabulary only where some row has a label: prompts are most of the tokens,
+    # and the vocab projection is the largest matmul of a small model.
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
+    # No attention_mask: transformers then derives a block-diagonal causal mask from the
+    # restarting position_ids, which keeps packed samples apart.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   use_cache=False, logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                           targets[:, keep].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, step: int,
+                       template: Any) -> dict[str, Any]:
+    peft_config = None
+    if cfg.method != "full":
+        peft_config = model.peft_config["default"].to_dict()
+        peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
+    return {
+        "step": step,
+        "state_dict": {n: p.detach().cpu().clone() for n, p in trainable_parameters(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "config": cfg.model_dump(mode="json"),
+        "method": cfg.method,
+        "peft_config": peft_config,
+        "template": {"name": template.name, "chat_template": template.chat_template,
+                     "stop_words": list(template.stop_words)},
+        "tuneforge_version": __version__,
+    }
+
+
+def _note_deepspeed(deepspeed: str | None) -> None:
+    if not deepspeed:
+        return
+    from tuneforge.train.dist import resolve_deepspeed
+
+    resolve_deepspeed(deepspeed)  # a bad name or file is still an error
+    if torch.cuda.device_count() <= 1:
+        say(f"--deepspeed {deepspeed}: one process, nothing to shard; the built-in loop trains "
+            "with the same settings")
+
+
+def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
+          deepspeed: str | None = None, progress: bool = True) -> Path:
+    """Run training as CFG says; returns the last checkpoint written."""
+    started = time.time()
+    _note_deepspeed(deepspeed)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Model path first: a missing model is the most common mistake, so fail before any work.
+    model_path = resolve_model(cfg.pretrained_model_name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    template = get_template(cfg.prompt_template, tokenizer)
+    rows, stats = build_rows(cfg, tokenizer, template)
+    say(f"data: {stats.summary()}")
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(find_resume(work_dir, resume if isinstance(resume, str) else None)) \
+        if resume else None
+    if cfg._source and not resume:
+        shutil.copyfile(cfg._source, work_dir / Path(cfg._source).name)
+
+    device = pick_device()
+    dtype = pick_dtype(cfg.dtype, device)
+    model = load_model(model_path, device, dtype, load_in_4bit=cfg.method == "qlora",
+                       quant_type=cfg.bnb_4bit_quant_type, double_quant=cfg.bnb_4bit_use_double_quant,
+                       trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method != "full":
+        model = apply_lora(model, cfg)
+    params = list(trainable_parameters(model).values())
+    n_train = sum(p.numel() for p in params)
+    n_all = sum(p.numel() for p in model.parameters())
+    say(f"model: {model_path} on {device} ({dtype}), {cfg.method}, "
+        f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
+
+    steps = total_steps(len(rows), cfg)
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
+    start = 0
+    if ckpt is not None:
+        missing = set(trainable_parameters(model)) - set(ckpt["state_dict"])
+        if missing or ckpt["method"] != cfg.method:
+            raise UserError(
+                f"--resume: the checkpoint was written by a {ckpt['method']} run that does not match "
+                f"this config ({cfg.method}, {len(missing)} trainable tensors missing); resume with "
+                "the config it was trained with"
+            )
+        model.load_state_dict(ckpt["state_dict"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        say(f"resumed from step {start}")
+
+    log = JsonlLog(work_dir / "train_log.jsonl")
+    eval_file = work_dir / "eval_outputs.txt"
+
+    def run_eval(step: int) -> None:
+        if not cfg.evaluation_inputs:
+            return
+        answers = evaluate(model, tokenizer, template, cfg.evaluation_inputs, cfg.SYSTEM,
+                           cfg.evaluation_max_new_tokens)
+        say(write_eval(eval_file, step, answers))
+        log.write({"step": step, "eval": answers})
+
+    if start == 0:
+        log.write({"event": "start", "steps": steps, "rows": len(rows), "data": stats.__dict__})
+        run_eval(0)
+
+    model.train()
+    last = None
+    # A live bar on a terminal; in a log file, a plain line every tenth of the run instead.
+    live = progress and sys.stderr.isatty()
+    every = max(1, steps // 10)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not live,
+               dynamic_ncols=True)
+    t_loop = time.time()
+    for step in range(start, steps):
+        t0 = time.time()
+        batches = [collate(b, tokenizer.pad_token_id) for b in micro_batches(rows, cfg, step)]
+        n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        total = 0.0
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            loss = loss_sum(model, b) / max(1, n_labels)
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        n_tokens = sum(b["input_ids"].numel() for b in batches)
+        tps = n_tokens / max(1e-9, time.time() - t0)
+        lr = scheduler.get_last_lr()[0]
+        log.write({"step": done, "loss": round(total, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
+                   "tokens": n_tokens, "tokens_per_s": round(tps, 1)})
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+        bar.update(1)
+        if progress and not live and (done % every == 0 or done == steps):
+            eta = (time.time() - t_loop) / (done - start) * (steps - done)
+            say(f"step {done}/{steps} loss {total:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
+
+        if done % cfg.save_steps == 0 or done == steps:
+            payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template)
+            last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
+            say(f"saved {last}")
+        if done % cfg.evaluation_freq == 0 and done != steps:
+            run_eval(done)
+    bar.close()
+
+    if last is None:  # resumed from a checkpoint of the final step: nothing left to do
+        last = find_resume(work_dir, None)
+    run_eval(steps)
+    plot = plot_loss(log.read(), work_dir / "loss.png")
+    log.write({"event": "end", "seconds": round(time.time() - started, 1)})
+    say(f"done in {time.time() - started:.0f}s; last checkpoint {last}"
+        + (f"; loss plot {plot}" if plot else ""))
+    return last
