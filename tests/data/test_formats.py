@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+from conftest import write_jsonl
+
+from tuneforge.data.formats import Message, load_samples, to_messages
+from tuneforge.errors import UserError
+
+
+def test_conversation_format_multi_turn_with_system_and_loss_flag():
+    rec = {"conversation": [
+        {"system": "S", "input": "q1", "output": "a1", "output_with_loss": False},
+        {"input": "q2", "output": "a2"}]}
+    assert to_messages(rec, "auto", "f:1") == [
+        Message("system", "S"), Message("user", "q1"), Message("assistant", "a1", False),
+        Message("user", "q2"), Message("assistant", "a2")]
+
+
+def test_alpaca_joins_instruction_and_input_and_keeps_history():
+    rec = {"instruction": "Translate", "input": "hi", "output": "你好", "system": "S",
+           "history": [["q0", "a0"]]}
+    assert to_messages(rec, "auto", "f:1") == [
+        Message("system", "S"), Message("user", "q0"), Message("assistant", "a0"),
+        Message("user", "Translate\nhi"), Message("assistant", "你好")]
+
+
+def test_openai_messages_and_sharegpt():
+    rec = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a", "loss": False}]}
+    assert to_messages(rec, "auto", "f:1")[1] == Message("assistant", "a", False)
+    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert to_messages(rec, "auto", "f:1") == [Message("user", "q"), Message("assistant", "a")]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"conversation": [{"input": "q", "output": "a"}', "f.jsonl:2: invalid JSON"),
+    ('{"conversation": [{"input": {"text": "q"}, "output": "a"}]}',
+     "f.jsonl:2: conversation[0].input: expected a string, got an object"),
+    ('{"conversation": [{"input": "q", "output": "  "}]}', "f.jsonl:2: conversation[0].output: empty answer"),
+    ('{"messages": [{"role": "bot", "content": "a"}]}', "f.jsonl:2: messages[0].role: unknown role 'bot'"),
+    ('{"question": "q"}', "f.jsonl:2: unknown record format"),
+])
+def test_bad_lines_are_named_by_file_line_and_field(tmp_path, line, expected):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"conversation": [{"input": "ok", "output": "ok"}]}\n' + line + "\n")
+    with pytest.raises(UserError) as err:
+        load_samples(path)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_json_list_file_and_blank_lines(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"instruction": "q", "output": "a"}]')
+    assert len(load_samples(path)) == 1
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a"}] * 2)
+    path.write_text(path.read_text() + "\n\n")
+    assert [s.where for s in load_samples(path)] == [f"{path}:1", f"{path}:2"]
+
+
+def test_empty_file_is_an_error(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        load_samples(tmp_path / "e.jsonl")

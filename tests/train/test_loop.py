@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from tuneforge.errors import UserError
+from tuneforge.train.checkpoint import LAST, list_checkpoints, load_checkpoint
+from tuneforge.train.loop import train
+
+
+def losses(work_dir) -> list[float]:
+    lines = (work_dir / "train_log.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
+def test_loss_goes_down(tiny_model_dir, identity_data, tmp_path, method):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    cfg = tiny_config(tiny_model_dir, identity_data, method=method, max_steps=12, save_steps=100,
+                      lr=5e-2 if method != "full" else 1e-2)
+    last = train(cfg, tmp_path / "w", progress=False)
+    curve = losses(tmp_path / "w")
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 1.0, curve    # nats
+    ckpt = load_checkpoint(last)
+    assert ckpt["method"] == method and ckpt["step"] == 12
+    if method != "full":  # only the adapter is saved, not the frozen base
+        assert all("lora_" in k for k in ckpt["state_dict"])
+
+
+def test_checkpoints_rotate_and_last_checkpoint_points_to_newest(tiny_model_dir, identity_data, tmp_path):
+    cfg = tiny_config(tiny_model_dir, identity_data, max_steps=7, save_steps=2, save_total_limit=2,
+                      evaluation_inputs=["你是谁？"], evaluation_freq=3, evaluation_max_new_tokens=4)
+    work = tmp_path / "w"
+    train(cfg, work, progress=False)
+    assert [p.name for p in list_checkpoints(work)] == ["iter_6.pth", "iter_7.pth"]
+    assert (work / LAST).read_text().strip().endswith("iter_7.pth")
+    evals = (work / "eval_outputs.txt").read_text()
+    assert "step 0" in evals and "step 3" in evals and "step 7" in evals and "Q: 你是谁？" in evals
+    assert (work / "loss.png").stat().st_size > 1000
+
+
+def test_resume_continues_exactly(tiny_model_dir, identity_data, tmp_path):
+    """6 steps straight == 3 steps, stop, resume for the other 3 (same weights, same losses)."""
+    cfg = tiny_config(tiny_model_dir, identity_data, max_steps=6, save_steps=3, lora_dropout=0.1)
+    straight = load_checkpoint(train(cfg, tmp_path / "a", progress=False))
+
+    train(cfg, tmp_path / "b", progress=False)  # writes iter_3 and iter_6
+    (tmp_path / "b" / "iter_6.pth").unlink()
+    log = tmp_path / "b" / "train_log.jsonl"
+    log.write_text("\n".join(log.read_text().splitlines()[:4]) + "\n")  # start + 3 steps
+    resumed = load_checkpoint(train(cfg, tmp_path / "b", resume=str(tmp_path / "b" / "iter_3.pth"),
+                                    progress=False))
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
+    for k, v in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_model_dir, identity_data, tmp_path):
+    cfg = tiny_config(tiny_model_dir, identity_data)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(cfg, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_missing_data_file_is_named(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="nope.jsonl' not found"):
+        train(cfg, tmp_path / "w", progress=False)
