@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import io
+
+from tuneforge.chat.cli import run_chat
+from tuneforge.chat.engine import Sampling, generate, template_for
+from tuneforge.data.templates import get_template, save_template
+
+
+class Piped(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def test_piped_lines_are_answered_one_by_one(tiny_model_dir):
+    out = io.StringIO()
+    run_chat(str(tiny_model_dir), sampling=Sampling(max_new_tokens=3),
+             stdin=Piped("hello\n\nRESET\nwho are you?\nEXIT\nnever asked\n"), stdout=out)
+    text = out.getvalue()
+    assert text.count(">>> User:") == 2 and text.count(">>> Assistant:") == 2
+    assert "who are you?" in text and "never asked" not in text and "[history cleared]" in text
+
+
+def test_streamed_text_equals_the_reply(bundled_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(bundled_path)
+    template = get_template("auto", tokenizer)
+    pieces: list[str] = []
+    msgs = [{"role": "user", "content": "请介绍一下你自己"}]
+    reply = generate(model, tokenizer, template, msgs, Sampling(max_new_tokens=20), on_text=pieces.append)
+    assert reply and "".join(pieces).strip() == reply
+    assert "<|im_end|>" not in reply
+
+
+def test_saved_template_wins_over_the_tokenizer_default(tokenizer, tmp_path):
+    save_template(tmp_path, get_template("llama3_chat", tokenizer))
+    assert template_for(tmp_path, tokenizer, None).name == "llama3_chat"
+    assert template_for(tmp_path, tokenizer, "chatml").name == "chatml"
+    assert template_for(tmp_path / "none", tokenizer, None).name == "auto"

@@ -1,0 +1,81 @@
+"""The command line as a user meets it: exit codes, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def tuneforge(*args: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr and len(err.splitlines()) == 1, proc.stderr
+    for n in needles:
+        assert n in err, err
+
+
+def test_list_and_copy_cfg(tmp_path):
+    listed = tuneforge("list-cfg", "-p", "internlm2_5").stdout.split()
+    assert listed == ["internlm2_5_chat_7b_full_alpaca_e3", "internlm2_5_chat_7b_lora_alpaca_e3",
+                      "internlm2_5_chat_7b_qlora_alpaca_e3"]
+    proc = tuneforge("copy-cfg", "internlm2_5_chat_7b_qlora_alpaca_e3", "./", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert (tmp_path / "internlm2_5_chat_7b_qlora_alpaca_e3_copy.py").is_file()
+
+
+def test_training_a_7b_copy_without_weights_names_the_missing_model(tmp_path):
+    tuneforge("copy-cfg", "internlm2_5_chat_7b_qlora_alpaca_e3", "./", cwd=tmp_path)
+    proc = tuneforge("train", "./internlm2_5_chat_7b_qlora_alpaca_e3_copy.py", "--deepspeed",
+                     "deepspeed_zero2", "--work-dir", "./work_dirs/assistTuner", cwd=tmp_path)
+    assert_one_line_error(proc, "internlm/internlm2_5-7b-chat", "not found")
+
+
+def test_bad_config_key_and_bad_deepspeed(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("pretrained_model_name_or_path = 'x'\ndata_files = 'd'\nmax_lenght = 5\n")
+    assert_one_line_error(tuneforge("train", str(cfg)), "max_lenght", "did you mean 'max_length'")
+    cfg.write_text("pretrained_model_name_or_path = 'x'\ndata_files = 'd'\n")
+    assert_one_line_error(tuneforge("train", str(cfg), "--deepspeed", "zero9"), "deepspeed_zero2")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = tuneforge("--debug", "train", str(tmp_path / "missing.py"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_kill_9_after_a_checkpoint_then_resume_finishes(tiny_model_dir, identity_data, tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
+        f"data_files = {str(identity_data)!r}\n"
+        "lora_r = 4\nlora_alpha = 8\nmax_length = 128\nbatch_size = 2\nmax_steps = 150\n"
+        "save_steps = 5\nsave_total_limit = 2\nlora_dropout = 0.1\n")
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not (work / "last_checkpoint").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = Path((work / "last_checkpoint").read_text().strip())
+    step = int(killed_at.stem.split("_")[1])
+    if step >= 150:
+        pytest.fail("the run finished before it could be killed; raise max_steps")
+
+    resumed = tuneforge("train", str(cfg), "--work-dir", str(work), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {step}" in resumed.stderr + resumed.stdout
+    assert (work / "iter_150.pth").is_file()
