@@ -90,3 +90,10 @@ def test_full_checkpoint_converts_to_a_hf_model(tiny_model_dir, identity_data, t
     ckpt = load_checkpoint(last)
     for k, v in ckpt["state_dict"].items():
         torch.testing.assert_close(model.state_dict()[k], v)
+
+
+def test_base_recorded_in_the_checkpoint_wins_over_a_stale_config(lora_run, tiny_model_dir, tmp_path):
+    out = convert_checkpoint(lora_run, tmp_path / "hf", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    moved = convert_checkpoint(lora_run, tmp_path / "hf2", base_model="somewhere/else")
+    assert json.loads((moved / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)

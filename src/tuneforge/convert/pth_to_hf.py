@@ -32,6 +32,25 @@ def _save_tokenizer(base: str, out: Path, template: Template, trust_remote_code:
     return True
 
 
+def _pick_base(recorded: str, from_config: str | None) -> str:
+    """The base model the checkpoint was trained on, unless it has moved and CONFIG says where.
+
+    A run started with ``--cfg-options pretrained_model_name_or_path=...`` records the model it
+    really used, which the config file on disk does not show.
+    """
+    from tuneforge.models.resolve import resolve_model
+
+    if not from_config or from_config == recorded:
+        return recorded
+    try:
+        resolve_model(recorded)
+    except UserError:
+        return from_config
+    print(f"[tuneforge] using the base model the checkpoint was trained on, {recorded} "
+          f"(the config says {from_config})")
+    return recorded
+
+
 def convert_checkpoint(ckpt_path: str | Path, out: str | Path, base_model: str | None = None,
                        fp32: bool = False, max_shard_size: str = "2GB") -> Path:
     """Write the checkpoint as a standard directory; returns OUT."""
@@ -39,7 +58,7 @@ def convert_checkpoint(ckpt_path: str | Path, out: str | Path, base_model: str |
 
     ckpt = load_checkpoint(ckpt_path)
     cfg: dict[str, Any] = ckpt["config"]
-    base = base_model or cfg["pretrained_model_name_or_path"]
+    base = _pick_base(cfg["pretrained_model_name_or_path"], base_model)
     template = Template(**{**ckpt["template"], "stop_words": tuple(ckpt["template"]["stop_words"])})
     dtype = torch.float32 if fp32 else torch.float16
     out = Path(out)

@@ -54,8 +54,10 @@ def plot_loss(log: list[dict[str, Any]], out: Path) -> Path | None:
     losses = [r["loss"] for r in log if "loss" in r]
     if not steps:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a GPU image without it: the jsonl log still has every loss
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
