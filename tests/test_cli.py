@@ -79,3 +79,21 @@ def test_kill_9_after_a_checkpoint_then_resume_finishes(tiny_model_dir, identity
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {step}" in resumed.stderr + resumed.stdout
     assert (work / "iter_150.pth").is_file()
+
+
+def test_bad_data_stops_before_training_and_skip_bad_lines_trains_on_the_rest(tiny_model_dir, identity_data, tmp_path):
+    with identity_data.open("a") as f:
+        f.write('{"conversation": [{"input": {"text": "q"}, "output": "a"}]}\n')
+    cfg = tmp_path / "c.py"
+    cfg.write_text(f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
+                   f"data_files = {str(identity_data)!r}\nmax_length = 128\nmax_steps = 2\n")
+    work = tmp_path / "w"
+    proc = tuneforge("train", str(cfg), "--work-dir", str(work))
+    assert_one_line_error(proc, "assistant.jsonl:409: conversation[0].input: expected a string")
+    assert not list(work.glob("iter_*.pth"))
+    proc = tuneforge("train", str(cfg), "--work-dir", str(work), "--skip-bad-lines")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 bad line" in proc.stderr + proc.stdout
+    assert (work / "iter_2.pth").is_file()
+    check = tuneforge("check-dataset", str(cfg))
+    assert check.returncode == 1 and "assistant.jsonl:409" in check.stdout

@@ -50,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     options = parse_cfg_options(args.cfg_options)
     if args.seed is not None:
         options["seed"] = args.seed
+    if args.skip_bad_lines:
+        options["skip_bad_lines"] = True
     cfg = load_config(args.config, options)
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     from tuneforge.train.loop import train
@@ -102,6 +104,36 @@ def cmd_replace(args: argparse.Namespace) -> None:
     print(f"[tuneforge] {count} replacement(s) in {lines} line(s) -> {args.output}")
 
 
+def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
+    from tuneforge.data.templates import get_template
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.models.resolve import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(cfg.pretrained_model_name_or_path), cfg.trust_remote_code)
+    return tokenizer, get_template(cfg.prompt_template, tokenizer)
+
+
+def cmd_check_dataset(args: argparse.Namespace) -> None:
+    from tuneforge.config import load_config, parse_cfg_options
+    from tuneforge.data.inspect import check_dataset
+
+    cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    if args.skip_bad_lines:
+        cfg.skip_bad_lines = True
+    report, bad = check_dataset(cfg, *_tokenizer_and_template(cfg))
+    print(report)
+    if bad and not cfg.skip_bad_lines:
+        raise UserError(f"{bad} bad line(s) in the data (listed above); fix them or pass --skip-bad-lines")
+
+
+def cmd_log_dataset(args: argparse.Namespace) -> None:
+    from tuneforge.config import load_config, parse_cfg_options
+    from tuneforge.data.inspect import log_dataset
+
+    cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    print(log_dataset(cfg, *_tokenizer_and_template(cfg), show=args.show, num=args.num))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -124,8 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from CKPT, or from the work dir's last checkpoint")
     s.add_argument("--seed", type=int)
     s.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config settings")
+    s.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count malformed data lines instead of stopping")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("check-dataset", help="validate every data line and show what trains")
+    s.add_argument("config")
+    s.add_argument("--skip-bad-lines", action="store_true")
+    s.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_check_dataset)
+    s = sub.add_parser("log-dataset", help="print samples as the model sees them")
+    s.add_argument("config")
+    s.add_argument("--show", default="text", help="text | masked_text | input_ids | labels")
+    s.add_argument("--num", type=int, default=1, help="how many samples")
+    s.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_log_dataset)
 
     conv = sub.add_parser("convert", help="pth_to_hf | merge").add_subparsers(
         dest="convert_command", required=True, metavar="SUBCOMMAND")

@@ -19,7 +19,7 @@ BASE = "pretrained_model_name_or_path = 'm'\ndata_files = 'd.jsonl'\n"
 def test_plain_settings_become_typed_config(tmp_path):
     cfg = load_config(write_cfg(tmp_path, BASE + "lr = 1e-4\nlora_r = 8\nSYSTEM = 'be brief'\n"))
     assert cfg.lr == 1e-4 and cfg.lora_r == 8 and cfg.SYSTEM == "be brief"
-    assert cfg.data_file_list == ["d.jsonl"]
+    assert [s.path for s in cfg.data_sources] == ["d.jsonl"]
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):

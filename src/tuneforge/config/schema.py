@@ -18,6 +18,16 @@ ALIASES: dict[str, str] = {
 }
 
 
+class DataSource(BaseModel):
+    """One entry of ``data_files`` when it needs more than a path: mixing ratios."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    repeat: int = Field(1, ge=1)  # use every sample this many times per epoch
+    max_samples: int | None = Field(None, gt=0)  # take the first N samples of the file only
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -35,13 +45,15 @@ class Config(BaseModel):
     gradient_checkpointing: bool = False
 
     # PART 1: data
-    data_files: str | list[str]
+    data_files: str | list[str | DataSource]
     data_format: Literal["auto", "alpaca", "conversation", "messages"] = "auto"
     prompt_template: str = "auto"
     SYSTEM: str = ""
     max_length: int = Field(2048, gt=8)
     pack_to_max_length: bool = True
     use_varlen_attn: bool = False
+    skip_bad_lines: bool = False  # count and skip malformed records instead of stopping
+    long_samples: Literal["truncate", "drop"] = "truncate"  # past max_length; counted either way
 
     # PART 1: schedule
     batch_size: int = Field(1, gt=0)
@@ -69,7 +81,7 @@ class Config(BaseModel):
 
     @field_validator("data_files")
     @classmethod
-    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+    def _non_empty(cls, v: str | list[str | DataSource]) -> str | list[str | DataSource]:
         if not v:
             raise ValueError("needs at least one data file")
         return v
@@ -81,8 +93,9 @@ class Config(BaseModel):
         return self
 
     @property
-    def data_file_list(self) -> list[str]:
-        return [self.data_files] if isinstance(self.data_files, str) else list(self.data_files)
+    def data_sources(self) -> list[DataSource]:
+        items = [self.data_files] if isinstance(self.data_files, str) else list(self.data_files)
+        return [DataSource(path=i) if isinstance(i, str) else i for i in items]
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(Config.model_fields)

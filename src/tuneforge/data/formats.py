@@ -48,7 +48,7 @@ def _text(record: dict, key: str, where: str, field: str, required: bool = True)
     if not isinstance(value, str):
         raise UserError(
             f"{where}: {field}: expected a string, got {_type_name(value)}"
-            + (" (flatten it to text, e.g. with `tuneforge data replace`)" if isinstance(value, dict) else "")
+            + (" (write the text itself as a JSON string, not an object)" if isinstance(value, dict) else "")
         )
     return value
 
@@ -191,8 +191,31 @@ def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{lineno}", record
 
 
-def load_samples(path: Path, fmt: str = "auto") -> list[Sample]:
-    samples = [Sample(tuple(to_messages(rec, fmt, where)), where) for where, rec in iter_records(path)]
-    if not samples:
+def load_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> list[Sample]:
+    """Every sample of PATH. With BAD given, malformed records are appended there and skipped."""
+    samples = []
+    for where, rec in _records_or_bad(path, bad):
+        try:
+            samples.append(Sample(tuple(to_messages(rec, fmt, where)), where))
+        except UserError as err:
+            if bad is None:
+                raise
+            bad.append(str(err))
+    if not samples and not bad:
         raise UserError(f"{path}: no records; the file is empty")
     return samples
+
+
+def _records_or_bad(path: Path, bad: list[str] | None) -> Iterator[tuple[str, Any]]:
+    """Like iter_records, but a line of invalid JSON is recorded in BAD instead of raised."""
+    if bad is None or path.suffix == ".json":
+        yield from iter_records(path)
+        return
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as err:
+                bad.append(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})")

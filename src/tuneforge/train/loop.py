@@ -142,6 +142,14 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     template = get_template(cfg.prompt_template, tokenizer)
     rows, stats = build_rows(cfg, tokenizer, template)
     say(f"data: {stats.summary()}")
+    if stats.bad_lines:
+        say(f"warning: skipped {stats.bad_lines} bad line(s) (skip_bad_lines); "
+            "`tuneforge check-dataset CONFIG` lists them")
+    per_epoch = total_steps(len(rows), cfg.model_copy(update={"max_steps": None, "max_epochs": 1}))
+    if per_epoch < 20 and not cfg.max_steps:
+        say(f"warning: only {per_epoch} optimizer step(s) per epoch ({len(rows)} rows of up to "
+            f"{cfg.max_length} tokens, {cfg.batch_size}x{cfg.accumulative_counts} rows per step): "
+            "too few to learn from; lower max_length or accumulative_counts, or set max_steps")
 
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(find_resume(work_dir, resume if isinstance(resume, str) else None)) \
@@ -195,7 +203,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         log.write({"step": step, "eval": answers})
 
     if start == 0:
-        log.write({"event": "start", "steps": steps, "rows": len(rows), "data": stats.__dict__})
+        log.write({"event": "start", "steps": steps, "rows": len(rows), "data": stats.as_log()})
         run_eval(0)
 
     model.train()
