@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tuneforge.data.encode import IGNORE, Encoded
-from tuneforge.data.pack import fill_rate, pack
+from tuneforge.data.pack import fill_rate, pack, pack_lengths
 from tuneforge.train.loop import collate, loss_sum
 
 
@@ -20,7 +21,17 @@ def test_rows_fit_and_positions_restart_per_sample():
     for r in rows:
         starts = [i for i, p in enumerate(r.position_ids) if p == 0]
         assert starts[0] == 0 and all(r.labels[i] == IGNORE for i in starts)
-    assert fill_rate(rows, 12) == sum(len(s.input_ids) for s in samples) / (len(rows) * 12)
+    assert fill_rate([len(r) for r in rows], 12) == sum(len(s.input_ids) for s in samples) / (len(rows) * 12)
+
+
+def test_fill_rate_on_an_alpaca_like_length_mix():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(mean=np.log(300), sigma=0.8, size=20_000).astype(int) + 8, 2048)
+    groups = pack_lengths(lengths.tolist(), 2048)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    row_lengths = [int(lengths[g].sum()) for g in groups]
+    assert max(row_lengths) <= 2048
+    assert fill_rate(row_lengths, 2048) >= 0.98
 
 
 def test_packed_row_loss_equals_the_sum_of_its_samples(tiny_model_dir):

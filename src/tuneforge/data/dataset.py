@@ -1,16 +1,18 @@
-"""Config -> training rows: find files, read records, render, encode, pack."""
+"""Config -> training rows: find files, encode them (cached), pick samples, pack."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneforge.config.schema import Config, DataSource
-from tuneforge.data.encode import Encoded, encode
-from tuneforge.data.formats import Message, Sample, load_samples
-from tuneforge.data.pack import Row, fill_rate, pack, single
-from tuneforge.data.templates import Template, split_for_training
+import numpy as np
+
+from tuneforge.config.schema import Config
+from tuneforge.data.cache import EncodeSettings, TokenStore, encode_file, tokenizer_fingerprint
+from tuneforge.data.pack import Row, assemble, fill_rate, pack_lengths
+from tuneforge.data.templates import Template
 from tuneforge.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json")
@@ -27,17 +29,36 @@ class DatasetStats:
     tokens: int
     trained_tokens: int
     fill_rate: float
-    lengths: list[int] = field(default_factory=list, repr=False)
+    cached_files: int
+    seconds: float
 
     def summary(self) -> str:
         extra = f", dropped {self.dropped}" if self.dropped else ""
         extra += f", skipped {self.bad_lines} bad line(s)" if self.bad_lines else ""
+        cached = f", {self.cached_files} of {len(self.files)} file(s) from cache" if self.cached_files else ""
         return (f"{self.samples} samples from {len(self.files)} file(s) -> {self.rows} rows, "
-                f"{self.tokens} tokens ({self.trained_tokens} trained), "
-                f"fill {self.fill_rate:.0%}, truncated {self.truncated}{extra}")
+                f"{self.tokens} tokens ({self.trained_tokens} trained), fill {self.fill_rate:.1%}, "
+                f"truncated {self.truncated}{extra} [{self.seconds:.1f}s{cached}]")
 
-    def as_log(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "lengths"}
+
+@dataclass
+class TrainRows:
+    """Packed rows, assembled on demand from the token stores (nothing is copied up front)."""
+
+    stores: list[TokenStore]
+    store_of: np.ndarray  # per used sample: which store
+    index_of: np.ndarray  # per used sample: index within that store
+    groups: list[list[int]]  # per row: used-sample numbers
+    lengths: np.ndarray  # per used sample: tokens
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> Row:
+        return assemble([self.stores[self.store_of[k]].sample(int(self.index_of[k])) for k in self.groups[i]])
+
+    def row_lengths(self) -> list[int]:
+        return [int(self.lengths[g].sum()) for g in self.groups]
 
 
 def resolve_data_path(name: str, cfg: Config) -> list[Path]:
@@ -60,61 +81,65 @@ def resolve_data_path(name: str, cfg: Config) -> list[Path]:
     )
 
 
-def with_system(messages: tuple[Message, ...], system: str) -> list[Message]:
-    if system and (not messages or messages[0].role != "system"):
-        return [Message("system", system), *messages]
-    return list(messages)
+def encode_settings(cfg: Config, template: Template) -> EncodeSettings:
+    return EncodeSettings(template, cfg.SYSTEM, cfg.max_length, cfg.data_format, cfg.skip_bad_lines)
 
 
-def read_source(src: DataSource, cfg: Config, bad: list[str] | None) -> tuple[list[Path], list[Sample]]:
-    files = resolve_data_path(src.path, cfg)
-    samples = [s for f in files for s in load_samples(f, cfg.data_format, bad)]
-    if src.max_samples:
-        samples = samples[: src.max_samples]
-    return files, samples * src.repeat
-
-
-def encode_samples(samples: list[Sample], template: Template, tokenizer: Any,
-                   cfg: Config) -> list[Encoded]:
-    out = []
-    for s in samples:
-        try:
-            segments = split_for_training(template, tokenizer, with_system(s.messages, cfg.SYSTEM))
-        except UserError as err:
-            raise UserError(f"{s.where}: {err}") from err
-        out.append(encode(segments, tokenizer, cfg.max_length))
-    return out
-
-
-def load_dataset_samples(cfg: Config) -> tuple[list[Path], list[Sample], list[str]]:
-    """All samples the config names, and the bad lines skipped (only with skip_bad_lines)."""
-    bad: list[str] | None = [] if cfg.skip_bad_lines else None
+def build_rows(cfg: Config, tokenizer: Any, template: Template,
+               use_cache: bool = True) -> tuple[TrainRows, DatasetStats]:
+    started = time.time()
+    settings = encode_settings(cfg, template)
+    fp = tokenizer_fingerprint(tokenizer)
+    stores: list[TokenStore] = []
     files: list[Path] = []
-    samples: list[Sample] = []
+    store_of: list[np.ndarray] = []
+    index_of: list[np.ndarray] = []
+    cached = 0
     for src in cfg.data_sources:
-        f, s = read_source(src, cfg, bad)
-        files += f
-        samples += s
-    if not samples:
-        raise UserError("no usable sample in the data files" + (f" ({len(bad)} bad lines)" if bad else ""))
-    return files, samples, bad or []
+        s_of, i_of = [], []
+        for path in resolve_data_path(src.path, cfg):
+            store, hit = encode_file(path, tokenizer, settings, fp, use_cache)
+            cached += hit
+            s_of.append(np.full(len(store), len(stores)))
+            i_of.append(np.arange(len(store)))
+            stores.append(store)
+            files.append(path)
+        s_arr, i_arr = np.concatenate(s_of), np.concatenate(i_of)
+        if src.max_samples:
+            s_arr, i_arr = s_arr[: src.max_samples], i_arr[: src.max_samples]
+        store_of.append(np.tile(s_arr, src.repeat))
+        index_of.append(np.tile(i_arr, src.repeat))
+    s_all, i_all = np.concatenate(store_of), np.concatenate(index_of)
+    bad = sum(len(s.bad) for s in stores)
+    if len(s_all) == 0:
+        raise UserError("no usable sample in the data files" + (f" ({bad} bad lines)" if bad else ""))
 
-
-def build_rows(cfg: Config, tokenizer: Any, template: Template) -> tuple[list[Row], DatasetStats]:
-    files, samples, bad = load_dataset_samples(cfg)
-    encoded = encode_samples(samples, template, tokenizer, cfg)
-    truncated = sum(e.truncated for e in encoded)
+    lengths = np.empty(len(s_all), dtype=np.int64)
+    trained = np.empty(len(s_all), dtype=np.int64)
+    truncated = np.empty(len(s_all), dtype=bool)
+    for k, store in enumerate(stores):
+        mask = s_all == k
+        lengths[mask] = store.lengths()[i_all[mask]]
+        trained[mask] = store.trained[i_all[mask]]
+        truncated[mask] = store.truncated[i_all[mask]]
+    keep = trained > 0
     if cfg.long_samples == "drop":
-        encoded = [e for e in encoded if not e.truncated]
-    encoded = [e for e in encoded if e.n_trained > 0]
-    if not encoded:
+        keep &= ~truncated
+    if not keep.any():
         raise UserError("no sample has any answer token left to train on (raise max_length?)")
-    rows = pack(encoded, cfg.max_length) if cfg.pack_to_max_length else [single(e) for e in encoded]
+    s_used, i_used, len_used = s_all[keep], i_all[keep], lengths[keep]
+    groups = (pack_lengths(len_used.tolist(), cfg.max_length) if cfg.pack_to_max_length
+              else [[k] for k in range(len(len_used))])
+    rows = TrainRows(stores, s_used, i_used, groups, len_used)
     stats = DatasetStats(
-        files=[str(f) for f in files], samples=len(samples), truncated=truncated,
-        dropped=len(samples) - len(encoded), bad_lines=len(bad), rows=len(rows),
-        tokens=sum(len(r) for r in rows), trained_tokens=sum(e.n_trained for e in encoded),
-        fill_rate=fill_rate(rows, cfg.max_length) if cfg.pack_to_max_length else 1.0,
-        lengths=[len(e.input_ids) for e in encoded],
+        files=[str(f) for f in files], samples=len(s_all), truncated=int(truncated.sum()),
+        dropped=int((~keep).sum()), bad_lines=bad, rows=len(groups), tokens=int(len_used.sum()),
+        trained_tokens=int(trained[keep].sum()),
+        fill_rate=fill_rate(rows.row_lengths(), cfg.max_length) if cfg.pack_to_max_length else 1.0,
+        cached_files=cached, seconds=time.time() - started,
     )
     return rows, stats
+
+
+def bad_lines(rows: TrainRows) -> list[str]:
+    return [b for s in rows.stores for b in s.bad]

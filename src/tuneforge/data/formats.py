@@ -191,19 +191,24 @@ def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{lineno}", record
 
 
-def load_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> list[Sample]:
-    """Every sample of PATH. With BAD given, malformed records are appended there and skipped."""
-    samples = []
+def iter_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> Iterator[Sample]:
+    """Every sample of PATH, streamed. With BAD given, malformed records are appended there and
+    skipped; without it the first one raises."""
+    empty = True
     for where, rec in _records_or_bad(path, bad):
         try:
-            samples.append(Sample(tuple(to_messages(rec, fmt, where)), where))
+            yield Sample(tuple(to_messages(rec, fmt, where)), where)
+            empty = False
         except UserError as err:
             if bad is None:
                 raise
             bad.append(str(err))
-    if not samples and not bad:
+    if empty and not bad:
         raise UserError(f"{path}: no records; the file is empty")
-    return samples
+
+
+def load_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> list[Sample]:
+    return list(iter_samples(path, fmt, bad))
 
 
 def _records_or_bad(path: Path, bad: list[str] | None) -> Iterator[tuple[str, Any]]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
+import numpy as np
+
 from tuneforge.config.schema import Config
-from tuneforge.data.dataset import build_rows, encode_samples, load_dataset_samples, with_system
+from tuneforge.data.cache import with_system
+from tuneforge.data.dataset import bad_lines, build_rows, resolve_data_path
 from tuneforge.data.encode import IGNORE, Encoded
+from tuneforge.data.formats import Sample, iter_records, to_messages
 from tuneforge.data.templates import Template, split_for_training
 from tuneforge.errors import UserError
 
@@ -37,7 +40,17 @@ def masked_text(tokenizer: Any, enc: Encoded) -> str:
     return "".join(out)
 
 
-def marked_render(template: Template, tokenizer: Any, cfg: Config, sample: Any) -> str:
+def first_good_sample(cfg: Config) -> Sample | None:
+    for path in resolve_data_path(cfg.data_sources[0].path, cfg):
+        for where, rec in iter_records(path):
+            try:
+                return Sample(tuple(to_messages(rec, cfg.data_format, where)), where)
+            except UserError:
+                continue
+    return None
+
+
+def marked_render(template: Template, tokenizer: Any, cfg: Config, sample: Sample) -> str:
     """The rendered sample with the trained parts between ⟦ and ⟧."""
     segments = split_for_training(template, tokenizer, with_system(sample.messages, cfg.SYSTEM))
     return "".join(f"⟦{t}⟧" if trained else t for t, trained in segments)
@@ -46,43 +59,45 @@ def marked_render(template: Template, tokenizer: Any, cfg: Config, sample: Any) 
 def check_dataset(cfg: Config, tokenizer: Any, template: Template) -> tuple[str, int]:
     """A report on every data line; returns (report, number of bad lines)."""
     lenient = cfg.model_copy(update={"skip_bad_lines": True})
-    files, samples, bad = load_dataset_samples(lenient)
-    lines = [f"files: {len(files)}  ({', '.join(str(f) for f in files[:5])}{' …' if len(files) > 5 else ''})"]
+    rows, stats = build_rows(lenient, tokenizer, template)
+    bad = bad_lines(rows)
+    files = stats.files
+    lines = [f"files: {len(files)}  ({', '.join(files[:5])}{' …' if len(files) > 5 else ''})"]
     if bad:
         lines.append(f"bad lines: {len(bad)}" + ("" if cfg.skip_bad_lines else
                                                  " (training stops on these; fix them or use --skip-bad-lines)"))
         lines += [f"  {b}" for b in bad[:20]] + ([f"  … {len(bad) - 20} more"] if len(bad) > 20 else [])
-    rows, stats = build_rows(lenient, tokenizer, template)
-    lengths = sorted(stats.lengths)
-    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    lengths = rows.lengths
     lines += [
         f"samples: {stats.samples} usable, template {template.name}, max_length {cfg.max_length}",
-        f"tokens per sample: min {lengths[0]}, median {statistics.median(lengths):.0f}, "
-        f"p95 {p95}, max {lengths[-1]}",
+        f"tokens per sample: min {lengths.min()}, median {np.median(lengths):.0f}, "
+        f"p95 {np.percentile(lengths, 95):.0f}, max {lengths.max()}",
         f"truncated: {stats.truncated}" + (" (dropped: long_samples='drop')" if cfg.long_samples == "drop" else ""),
         f"rows: {stats.rows} ({'packed' if cfg.pack_to_max_length else 'one sample each'}), "
         f"fill {stats.fill_rate:.1%}, {stats.tokens} tokens, {stats.trained_tokens} trained",
-        "",
-        "first sample, trained parts between ⟦ ⟧:",
-        marked_render(template, tokenizer, cfg, samples[0]),
     ]
+    sample = first_good_sample(cfg)
+    if sample is not None:
+        lines += ["", f"first sample ({sample.where}), trained parts between ⟦ ⟧:",
+                  marked_render(template, tokenizer, cfg, sample)]
     return "\n".join(lines), len(bad)
+
+
+def _show(tokenizer: Any, e: Encoded, show: str) -> str:
+    if show == "text":
+        return tokenizer.decode(e.input_ids)
+    if show == "masked_text":
+        return masked_text(tokenizer, e)
+    return str(e.input_ids if show == "input_ids" else e.labels)
 
 
 def log_dataset(cfg: Config, tokenizer: Any, template: Template, show: str, num: int) -> str:
     if show not in SHOW:
         raise UserError(f"--show {show}: expected one of {', '.join(SHOW)}")
-    _, samples, _ = load_dataset_samples(cfg)
-    encoded = encode_samples(samples[:num], template, tokenizer, cfg)
+    rows, _ = build_rows(cfg.model_copy(update={"pack_to_max_length": False}), tokenizer, template)
     blocks = []
-    for s, e in zip(samples[:num], encoded, strict=True):
-        if show == "text":
-            body = tokenizer.decode(e.input_ids)
-        elif show == "masked_text":
-            body = masked_text(tokenizer, e)
-        elif show == "input_ids":
-            body = str(e.input_ids)
-        else:
-            body = str(e.labels)
-        blocks.append(f"----- {s.where} ({len(e.input_ids)} tokens, {e.n_trained} trained)\n{body}")
+    for k in range(min(num, len(rows.lengths))):
+        e = rows.stores[rows.store_of[k]].sample(int(rows.index_of[k]))
+        blocks.append(f"----- sample {k} ({len(e.input_ids)} tokens, {e.n_trained} trained)\n"
+                      + _show(tokenizer, e, show))
     return "\n".join(blocks)

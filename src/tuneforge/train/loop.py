@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tuneforge import __version__
 from tuneforge.config.schema import Config
-from tuneforge.data.dataset import build_rows
+from tuneforge.data.dataset import TrainRows, build_rows
 from tuneforge.data.encode import IGNORE
 from tuneforge.data.pack import Row
 from tuneforge.data.templates import get_template
@@ -63,7 +63,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=g).tolist()
 
 
-def micro_batches(rows: list[Row], cfg: Config, step: int) -> list[list[Row]]:
+def micro_batches(rows: TrainRows, cfg: Config, step: int) -> list[list[Row]]:
     """The ``accumulative_counts`` micro-batches of optimizer step STEP (0-based)."""
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     out = []
@@ -203,7 +203,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         log.write({"step": step, "eval": answers})
 
     if start == 0:
-        log.write({"event": "start", "steps": steps, "rows": len(rows), "data": stats.as_log()})
+        log.write({"event": "start", "steps": steps, "rows": len(rows), "data": stats.__dict__})
         run_eval(0)
 
     model.train()

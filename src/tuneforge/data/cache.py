@@ -1,0 +1,194 @@
+"""Encode a data file once, keep the tokens on disk, and load them back in a blink.
+
+A file's samples are stored flat (int32 token and label arrays plus offsets, memory-mapped on
+load), keyed by the file's content and everything that changes the tokens: tokenizer, template,
+system prompt, max_length, format. Large files are encoded in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuneforge.data.encode import Encoded, encode
+from tuneforge.data.formats import Message, Sample, iter_samples
+from tuneforge.data.templates import Template, split_for_training
+from tuneforge.errors import UserError
+from tuneforge.models.resolve import cache_dir
+
+FORMAT_VERSION = 3
+PARALLEL_MIN_SAMPLES = 20_000
+_CHUNK = 5_000
+
+
+@dataclass
+class EncodeSettings:
+    template: Template
+    system: str
+    max_length: int
+    data_format: str
+    skip_bad_lines: bool
+
+
+@dataclass
+class TokenStore:
+    """The encoded samples of one file: sample i is ``input_ids[offsets[i]:offsets[i+1]]``."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    truncated: np.ndarray
+    trained: np.ndarray  # labelled tokens per sample
+    bad: list[str]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> Encoded:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Encoded(self.input_ids[a:b].tolist(), self.labels[a:b].tolist(), bool(self.truncated[i]))
+
+
+def with_system(messages: tuple[Message, ...], system: str) -> list[Message]:
+    if system and (not messages or messages[0].role != "system"):
+        return [Message("system", system), *messages]
+    return list(messages)
+
+
+def encode_sample(s: Sample, tokenizer: Any, settings: EncodeSettings) -> Encoded:
+    try:
+        segments = split_for_training(settings.template, tokenizer, with_system(s.messages, settings.system))
+    except UserError as err:
+        raise UserError(f"{s.where}: {err}") from err
+    return encode(segments, tokenizer, settings.max_length)
+
+
+def _encode_chunk(args: tuple[list[Sample], Any, EncodeSettings]) -> list[Encoded]:
+    samples, tokenizer, settings = args
+    return [encode_sample(s, tokenizer, settings) for s in samples]
+
+
+def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encoded_stream(samples: Iterator[Sample], tokenizer: Any,
+                    settings: EncodeSettings) -> Iterator[Encoded]:
+    """Encode a stream of samples, in parallel worker processes once it proves large."""
+    import multiprocessing as mp
+
+    workers = min(os.cpu_count() or 1, 16)
+    batches = _batches(samples, PARALLEL_MIN_SAMPLES)
+    first = next(batches, [])
+    yield from _encode_chunk((first, tokenizer, settings))
+    if len(first) < PARALLEL_MIN_SAMPLES or workers < 2 or "fork" not in mp.get_all_start_methods():
+        for batch in batches:
+            yield from _encode_chunk((batch, tokenizer, settings))
+        return
+    # fork: workers inherit the tokenizer without pickling and need no re-import of __main__;
+    # they only render and tokenize, so the parent's torch threads do not matter.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        for batch in batches:
+            parts = [(batch[i:i + _CHUNK], tokenizer, settings) for i in range(0, len(batch), _CHUNK)]
+            for part in pool.map(_encode_chunk, parts):
+                yield from part
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(path: Path, tokenizer_fp: str, settings: EncodeSettings) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    t = settings.template
+    h.update(json.dumps([FORMAT_VERSION, tokenizer_fp, t.name, t.chat_template, settings.system,
+                         settings.max_length, settings.data_format, settings.skip_bad_lines]).encode())
+    return h.hexdigest()[:32]
+
+
+def data_cache_dir() -> Path:
+    return cache_dir() / "data"
+
+
+def _write(store_dir: Path, encoded: Iterator[Encoded], bad: list[str]) -> None:
+    """Stream encoded samples into flat int32 files (4 bytes a token), then rename into place."""
+    store_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=store_dir.parent))
+    try:
+        lengths: list[int] = []
+        truncated: list[bool] = []
+        trained: list[int] = []
+        with (tmp / "input_ids.bin").open("wb") as fi, (tmp / "labels.bin").open("wb") as fl:
+            for e in encoded:
+                fi.write(np.asarray(e.input_ids, dtype=np.int32).tobytes())
+                fl.write(np.asarray(e.labels, dtype=np.int32).tobytes())
+                lengths.append(len(e.input_ids))
+                truncated.append(e.truncated)
+                trained.append(e.n_trained)
+        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+        np.save(tmp / "truncated.npy", np.array(truncated, dtype=bool))
+        np.save(tmp / "trained.npy", np.array(trained, dtype=np.int64))
+        (tmp / "bad.json").write_text(json.dumps(bad, ensure_ascii=False))
+        if store_dir.exists():  # a concurrent run wrote the same content
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, store_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load(store_dir: Path) -> TokenStore:
+    def flat(name: str) -> np.ndarray:
+        path = store_dir / f"{name}.bin"
+        if path.stat().st_size == 0:  # np.memmap refuses empty files
+            return np.zeros(0, dtype=np.int32)
+        return np.memmap(path, dtype=np.int32, mode="r")
+
+    return TokenStore(flat("input_ids"), flat("labels"), np.load(store_dir / "offsets.npy"),
+                      np.load(store_dir / "truncated.npy"), np.load(store_dir / "trained.npy"),
+                      json.loads((store_dir / "bad.json").read_text()))
+
+
+def encode_file(path: Path, tokenizer: Any, settings: EncodeSettings,
+                tokenizer_fp: str | None = None, use_cache: bool = True) -> tuple[TokenStore, bool]:
+    """The file's encoded samples, from the cache when it has them; returns (store, was_cached)."""
+    key = cache_key(path, tokenizer_fp or tokenizer_fingerprint(tokenizer), settings)
+    store_dir = data_cache_dir() / key
+    if use_cache and (store_dir / "bad.json").is_file():
+        return _load(store_dir), True
+    bad: list[str] = []
+    samples = iter_samples(path, settings.data_format, bad if settings.skip_bad_lines else None)
+    if not use_cache:
+        store_dir = Path(tempfile.mkdtemp(prefix="tuneforge-data-")) / key
+    encoded = _encoded_stream(samples, tokenizer, settings)
+    _write(store_dir, encoded, bad)  # bad is filled while the stream is consumed
+    return _load(store_dir), False
