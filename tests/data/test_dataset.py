@@ -93,3 +93,23 @@ def test_log_dataset_shows_masked_text(tiny_model_dir, tokenizer, tmp_path):
     assert out.splitlines()[1].startswith("[") and out.endswith("hello there<|im_end|>[1 masked]")
     with pytest.raises(UserError, match="masked_text"):
         log_dataset(cfg, tokenizer, get_template("auto", tokenizer), show="x", num=1)
+
+
+def test_parquet_source(tiny_model_dir, tokenizer, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)])
+    pq.write_table(table, tmp_path / "d.parquet")
+    rows, stats = rows_for(tiny_config(tiny_model_dir, tmp_path / "d.parquet", pack_to_max_length=False), tokenizer)
+    assert stats.samples == 3 and "a2<|im_end|>" in tokenizer.decode(rows[2].input_ids)
+
+
+def test_few_steps_per_epoch_warns(tiny_model_dir, identity_data, tmp_path, capsys):
+    from tuneforge.train.loop import train
+
+    cfg = tiny_config(tiny_model_dir, identity_data, max_steps=None, max_epochs=1, max_length=512,
+                      batch_size=1, accumulative_counts=16)
+    train(cfg.model_copy(update={"max_epochs": 1}), tmp_path / "w", progress=False)
+    out = capsys.readouterr()
+    assert "optimizer step(s) per epoch" in out.out + out.err

@@ -15,7 +15,7 @@ from tuneforge.data.pack import Row, assemble, fill_rate, pack_lengths
 from tuneforge.data.templates import Template
 from tuneforge.errors import UserError
 
-DATA_SUFFIXES = (".jsonl", ".json")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 @dataclass
@@ -73,11 +73,11 @@ def resolve_data_path(name: str, cfg: Config) -> list[Path]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
             if not files:
-                raise UserError(f"data folder '{path}' holds no .jsonl or .json files")
+                raise UserError(f"data folder '{path}' holds no .jsonl, .json or .parquet files")
             return files
     raise UserError(
         f"data file '{name}' not found (looked in {', '.join(str(c) for c in candidates)}); "
-        "set data_files (or alpaca_en_path) in the config to a local .jsonl/.json file or folder"
+        "set data_files (or alpaca_en_path) in the config to a local .jsonl/.json/.parquet file or folder"
     )
 
 

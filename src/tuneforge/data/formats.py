@@ -168,8 +168,23 @@ def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
     raise UserError(f"unknown data_format '{fmt}'; expected auto or one of {', '.join(FORMATS)}")
 
 
+def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from err
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            yield f"{path}:row {row}", record
+            row += 1
+
+
 def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list)."""
+    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows)."""
+    if path.suffix == ".parquet":
+        yield from _parquet_records(path)
+        return
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -213,7 +228,7 @@ def load_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) ->
 
 def _records_or_bad(path: Path, bad: list[str] | None) -> Iterator[tuple[str, Any]]:
     """Like iter_records, but a line of invalid JSON is recorded in BAD instead of raised."""
-    if bad is None or path.suffix == ".json":
+    if bad is None or path.suffix in (".json", ".parquet"):
         yield from iter_records(path)
         return
     with path.open(encoding="utf-8") as f:
