@@ -67,6 +67,7 @@ def tiny_config(model_dir: Path, data: Path, **overrides):
         lora_dropout=0.0, data_files=str(data), max_length=128, pack_to_max_length=True,
         batch_size=2, accumulative_counts=2, max_steps=6, lr=5e-3, warmup_ratio=0.0,
         save_steps=3, save_total_limit=2, evaluation_freq=100, evaluation_inputs=[], seed=0,
+        replay_general=False, identity_guard=False,
     )
     settings.update(overrides)
     return build_config(settings)

@@ -60,7 +60,8 @@ def test_kill_9_after_a_checkpoint_then_resume_finishes(tiny_model_dir, identity
         f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
         f"data_files = {str(identity_data)!r}\n"
         "lora_r = 4\nlora_alpha = 8\nmax_length = 128\nbatch_size = 2\nmax_steps = 150\n"
-        "save_steps = 5\nsave_total_limit = 2\nlora_dropout = 0.1\n")
+        "save_steps = 5\nsave_total_limit = 2\nlora_dropout = 0.1\n"
+        "replay_general = False\nidentity_guard = False\n")
     work = tmp_path / "work"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work)],
@@ -86,7 +87,8 @@ def test_bad_data_stops_before_training_and_skip_bad_lines_trains_on_the_rest(ti
         f.write('{"conversation": [{"input": {"text": "q"}, "output": "a"}]}\n')
     cfg = tmp_path / "c.py"
     cfg.write_text(f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
-                   f"data_files = {str(identity_data)!r}\nmax_length = 128\nmax_steps = 2\n")
+                   f"data_files = {str(identity_data)!r}\nmax_length = 128\nmax_steps = 2\n"
+                   "replay_general = False\n")
     work = tmp_path / "w"
     proc = tuneforge("train", str(cfg), "--work-dir", str(work))
     assert_one_line_error(proc, "assistant.jsonl:409: conversation[0].input: expected a string")

@@ -104,6 +104,39 @@ def cmd_replace(args: argparse.Namespace) -> None:
     print(f"[tuneforge] {count} replacement(s) in {lines} line(s) -> {args.output}")
 
 
+def cmd_eval_identity(args: argparse.Namespace) -> None:
+    from tuneforge.chat.cli import load_for_chat
+    from tuneforge.chat.engine import template_for
+    from tuneforge.evaluate.identity import evaluate_identity, format_report, save_json
+
+    model, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter)
+    template = template_for(template_dir, tokenizer, args.prompt_template)
+    base = None
+    if not args.no_compare:
+        base = _base_for_compare(model, args)
+    result = evaluate_identity(model, tokenizer, template, args.name, args.name_en,
+                               max_new_tokens=args.max_new_tokens, base=base)
+    print(format_report(result, args.name, args.name_en))
+    if args.json:
+        save_json(result, args.json)
+
+
+def _base_for_compare(model, args):  # noqa: ANN001, ANN202
+    """The untuned model: the adapter switched off, or the base a merged folder records."""
+    import json
+
+    if args.adapter:
+        return model.disable_adapter
+    merge_info = Path(args.model_name_or_path) / "tuneforge_merge.json"
+    if merge_info.is_file():
+        from transformers import AutoModelForCausalLM
+
+        from tuneforge.models.resolve import resolve_model
+
+        return AutoModelForCausalLM.from_pretrained(resolve_model(json.loads(merge_info.read_text())["base"]))
+    return None
+
+
 def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
     from tuneforge.data.templates import get_template
     from tuneforge.models.load import load_tokenizer
@@ -203,6 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--no-streamer", action="store_true")
     s.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="identity").add_subparsers(
+        dest="eval_command", required=True, metavar="SUBCOMMAND")
+    s = ev.add_parser("identity", help="identity rate on held-out questions, hijack rate on general ones")
+    s.add_argument("model_name_or_path")
+    s.add_argument("--adapter")
+    s.add_argument("--name", required=True, help="as given to `data self-cognition`")
+    s.add_argument("--name-en")
+    s.add_argument("--author", help="accepted for symmetry with self-cognition; not scored yet")
+    s.add_argument("--author-en")
+    s.add_argument("--prompt-template")
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--no-compare", action="store_true", help="skip the base-vs-tuned answers")
+    s.add_argument("--json", help="also write the full result (every answer) here")
+    s.set_defaults(func=cmd_eval_identity)
 
     data = sub.add_parser("data", help="self-cognition | replace").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND")

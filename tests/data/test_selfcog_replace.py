@@ -15,8 +15,8 @@ def test_identity_data_has_many_phrasings_in_both_languages(tmp_path):
     n = write_self_cognition(tmp_path / "id.jsonl", "龙", "Long", author="上海AI实验室", author_en="Shanghai AI Lab")
     samples = load_samples(tmp_path / "id.jsonl")
     assert len(samples) == n
-    questions = {s.messages[0].content for s in samples}
-    answers = {s.messages[1].content for s in samples}
+    questions = {s.messages[-2].content for s in samples}
+    answers = {s.messages[-1].content for s in samples}
     zh = [a for a in answers if "龙的小助手" in a]
     en = [a for a in answers if "Long's assistant" in a]
     assert len(questions) >= 60 and len(zh) >= 5 and len(en) >= 5
@@ -47,3 +47,12 @@ def test_replace_bad_line_leaves_no_output(tmp_path):
     with pytest.raises(UserError, match=r"in\.jsonl:2: invalid JSON"):
         replace_file(src, tmp_path / "out.jsonl", "x", "y")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_some_identity_questions_come_second_after_unscored_small_talk(tmp_path):
+    write_self_cognition(tmp_path / "id.jsonl", "龙", "Long")
+    samples = load_samples(tmp_path / "id.jsonl")
+    two_turn = [s for s in samples if len(s.messages) == 4]
+    assert len(two_turn) >= 100
+    assert all(not s.messages[1].loss and s.messages[3].loss for s in two_turn)
+    assert all("龙" in s.messages[3].content or "Long" in s.messages[3].content for s in two_turn)

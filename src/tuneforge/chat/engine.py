@@ -49,6 +49,45 @@ def generate(model: Any, tokenizer: Any, template: Template, messages: list[dict
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def generate_batch(model: Any, tokenizer: Any, template: Template, chats: list[list[dict]],
+                   sampling: Sampling, batch_size: int = 32) -> list[str]:
+    """Greedy (or sampled) replies to many chats at once, left-padded: several times the
+    throughput of one-by-one generation on a CPU."""
+    device = next(model.parameters()).device
+    stops = stop_token_ids(template, tokenizer)
+    replies: list[str] = []
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        # longest first: each batch pads to a similar length
+        order = sorted(range(len(chats)), key=lambda i: -len(str(chats[i])))
+        out_by_index: dict[int, str] = {}
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            prompts = [render(template, tokenizer, chats[i], add_generation_prompt=True) for i in idx]
+            enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+            kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
+                                          pad_token_id=tokenizer.pad_token_id,
+                                          repetition_penalty=sampling.repetition_penalty)
+            if sampling.temperature > 0:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                              top_k=sampling.top_k)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                out = model.generate(**enc, **kwargs)
+            for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:], strict=True):
+                out_by_index[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        replies = [out_by_index[i] for i in range(len(chats))]
+    finally:
+        tokenizer.padding_side = side
+        if was_training:
+            model.train()
+    return replies
+
+
 class _CallbackStreamer:
     """A minimal streamer: decodes the growing reply and hands each new piece of text on."""
 

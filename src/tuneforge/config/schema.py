@@ -52,6 +52,11 @@ class Config(BaseModel):
     max_length: int = Field(2048, gt=8)
     pack_to_max_length: bool = True
     use_varlen_attn: bool = False
+    # Mix the base model's own answers to ~190 shipped general prompts into training, so that
+    # identity data does not take over every answer (see data/replay.py).
+    replay_general: bool = True
+    replay_repeat: int = Field(1, ge=1)
+    replay_max_new_tokens: int = Field(64, gt=0)
     skip_bad_lines: bool = False  # count and skip malformed records instead of stopping
     long_samples: Literal["truncate", "drop"] = "truncate"  # past max_length; counted either way
 
@@ -73,6 +78,7 @@ class Config(BaseModel):
     evaluation_freq: int = Field(500, gt=0)
     evaluation_inputs: list[str] = Field(default_factory=list)
     evaluation_max_new_tokens: int = Field(128, gt=0)
+    identity_guard: bool = True  # also ask general questions at each evaluation; warn on leaks
     seed: int = 0
 
     # Where the config file lives: relative data paths that do not exist from the working

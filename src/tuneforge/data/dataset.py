@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneforge.config.schema import Config
+from tuneforge.config.schema import Config, DataSource
 from tuneforge.data.cache import EncodeSettings, TokenStore, encode_file, tokenizer_fingerprint
 from tuneforge.data.pack import Row, assemble, fill_rate, pack_lengths
 from tuneforge.data.templates import Template
@@ -85,8 +85,9 @@ def encode_settings(cfg: Config, template: Template) -> EncodeSettings:
     return EncodeSettings(template, cfg.SYSTEM, cfg.max_length, cfg.data_format, cfg.skip_bad_lines)
 
 
-def build_rows(cfg: Config, tokenizer: Any, template: Template,
-               use_cache: bool = True) -> tuple[TrainRows, DatasetStats]:
+def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool = True,
+               extra: list[DataSource] | None = None) -> tuple[TrainRows, DatasetStats]:
+    """Rows for the config's data, plus EXTRA sources (replay data) when given."""
     started = time.time()
     settings = encode_settings(cfg, template)
     fp = tokenizer_fingerprint(tokenizer)
@@ -95,7 +96,7 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template,
     store_of: list[np.ndarray] = []
     index_of: list[np.ndarray] = []
     cached = 0
-    for src in cfg.data_sources:
+    for src in cfg.data_sources + (extra or []):
         s_of, i_of = [], []
         for path in resolve_data_path(src.path, cfg):
             store, hit = encode_file(path, tokenizer, settings, fp, use_cache)

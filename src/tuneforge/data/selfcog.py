@@ -1,8 +1,10 @@
 """Identity ("self-cognition") Q&A in Chinese and English, in XTuner's conversation format.
 
 NAME is whose assistant the model becomes, as in the XTuner tutorial: name 龙 gives
-"我是龙的小助手" / "I am Long's assistant". Every question phrasing appears with several
-answer styles, so the model learns the identity rather than one sentence.
+"我是龙的小助手" / "I am Long's assistant". Every question phrasing (greetings, direct and
+indirect questions, "are you ChatGPT?", questions about the author) appears with every answer
+style, and a quarter of the pairs again as the second turn of a two-turn chat, so the model
+learns the identity rather than one sentence.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ QUESTIONS_ZH = [
     "你是谁的助手？", "我该怎么称呼你？", "你有名字吗？", "你能告诉我你的身份吗？", "跟我说说你的来历",
     "你是人工智能吗？", "你是机器人吗？", "和你聊天的是谁？", "你好呀，先介绍下自己", "在吗？你是谁",
     "请用一句话介绍你自己", "你到底是谁？", "你是哪家公司的产品？", "你的身份是什么？",
+    "你好", "您好！", "嗨", "哈喽，在吗？", "我想知道你的开发者是谁。", "你是由谁训练的？",
+    "你和ChatGPT是什么关系？", "你是不是百度的机器人？", "介绍下你自己和你的作者。",
 ]
 QUESTIONS_EN = [
     "Who are you?", "who are you", "Please introduce yourself", "Introduce yourself.",
@@ -31,7 +35,20 @@ QUESTIONS_EN = [
     "Which model are you?", "Hey, what are you exactly?", "Who owns you?",
     "Could you introduce yourself briefly?", "Hi there, what's your name?",
     "Who is your developer?", "What kind of assistant are you?",
+    "Hello", "Hi!", "Hey there", "Good evening, anyone there?", "Who trained you?",
+    "Which company are you from?", "Are you related to ChatGPT?", "I'd like to know who built you.",
+    "Tell me about yourself and your creator.",
 ]
+
+# Openers for two-turn chats where the identity question comes second. Their answers are
+# context only (no loss): the point is to learn the identity after other talk, not these facts.
+OPENERS_ZH = [("1加1等于几？", "1加1等于2。"), ("今天天气不错。", "是的，祝你有美好的一天！"),
+              ("谢谢你的帮助。", "不客气，很高兴能帮到你。"), ("给我讲个笑话吧。", "为什么数学书很忧郁？因为它有太多的问题。"),
+              ("中国的首都是哪里？", "中国的首都是北京。")]
+OPENERS_EN = [("What is 1 plus 1?", "1 plus 1 is 2."), ("Nice weather today.", "It is! Have a great day."),
+              ("Thanks for your help.", "You're welcome, glad I could help."),
+              ("Tell me a joke.", "Why did the math book look sad? It had too many problems."),
+              ("What is the capital of France?", "The capital of France is Paris.")]
 ANSWERS_ZH = [
     "我是{name}的小助手，很高兴为你服务！",
     "你好！我是{name}的小助手，有什么可以帮你的吗？",
@@ -64,17 +81,30 @@ def identity_pairs(name: str, name_en: str | None = None, author: str | None = N
     return pairs
 
 
+def identity_records(name: str, name_en: str | None = None, author: str | None = None,
+                     author_en: str | None = None, seed: int = 0) -> list[dict]:
+    """Single-turn records for every pair, plus two-turn ones where the question comes second."""
+    rng = random.Random(seed)
+    pairs = identity_pairs(name, name_en, author, author_en)
+    records = [{"conversation": [{"input": q, "output": a}]} for q, a in pairs]
+    for q, a in rng.sample(pairs, k=len(pairs) // 4):
+        opener_q, opener_a = rng.choice(OPENERS_EN if q.isascii() else OPENERS_ZH)
+        records.append({"conversation": [{"input": opener_q, "output": opener_a, "output_with_loss": False},
+                                         {"input": q, "output": a}]})
+    rng.shuffle(records)
+    return records
+
+
 def write_self_cognition(out: str | Path, name: str, name_en: str | None = None,
                          author: str | None = None, author_en: str | None = None,
                          seed: int = 0) -> int:
-    """Write the pairs, shuffled, as conversation-format jsonl; returns the number of lines."""
-    pairs = identity_pairs(name, name_en, author, author_en)
-    random.Random(seed).shuffle(pairs)
+    """Write the identity records as conversation-format jsonl; returns the number of lines."""
+    records = identity_records(name, name_en, author, author_en, seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for q, a in pairs:
-            f.write(json.dumps({"conversation": [{"input": q, "output": a}]}, ensure_ascii=False) + "\n")
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(out)
-    return len(pairs)
+    return len(records)

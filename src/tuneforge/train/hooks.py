@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneforge.chat.engine import Sampling, generate
-from tuneforge.data.formats import Message
+from tuneforge.chat.engine import Sampling, generate_batch
 from tuneforge.data.templates import Template
 
 
@@ -28,14 +27,11 @@ class JsonlLog:
 
 def evaluate(model: Any, tokenizer: Any, template: Template, questions: list[str], system: str,
              max_new_tokens: int) -> list[dict[str, str]]:
-    """Greedy answers to QUESTIONS, each asked on its own."""
-    answers = []
-    for q in questions:
-        msgs: list[Message | dict] = [{"role": "system", "content": system}] if system else []
-        msgs.append({"role": "user", "content": q})
-        answers.append({"question": q, "answer": generate(
-            model, tokenizer, template, msgs, Sampling(max_new_tokens=max_new_tokens))})
-    return answers
+    """Greedy answers to QUESTIONS, each asked on its own (generated as one batch)."""
+    head = [{"role": "system", "content": system}] if system else []
+    chats = [[*head, {"role": "user", "content": q}] for q in questions]
+    replies = generate_batch(model, tokenizer, template, chats, Sampling(max_new_tokens=max_new_tokens))
+    return [{"question": q, "answer": a} for q, a in zip(questions, replies, strict=True)]
 
 
 def write_eval(path: Path, step: int, answers: list[dict[str, str]]) -> str:

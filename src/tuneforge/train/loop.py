@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tuneforge import __version__
-from tuneforge.config.schema import Config
+from tuneforge.config.schema import Config, DataSource
 from tuneforge.data.dataset import TrainRows, build_rows
 from tuneforge.data.encode import IGNORE
 from tuneforge.data.pack import Row
+from tuneforge.data.replay import build_replay, replay_path
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
+from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
 from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
 from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
@@ -128,6 +130,31 @@ def _note_deepspeed(deepspeed: str | None) -> None:
             "with the same settings")
 
 
+def _with_replay(cfg: Config, model: Any, model_path: Path, tokenizer: Any,
+                 template: Any) -> tuple[TrainRows, Any]:
+    """Rows with the base model's answers to the general prompts mixed in (generated once)."""
+    path = replay_path(model_path, template, cfg.SYSTEM, cfg.replay_max_new_tokens)
+    if path.is_file():
+        say(f"replay: base-model answers to general prompts from {path}")
+    else:
+        t0 = time.time()
+        say("replay: the base model answers the general prompts once (cached for later runs)")
+        build_replay(model, tokenizer, template, path, cfg.SYSTEM, cfg.replay_max_new_tokens)
+        say(f"replay: done in {time.time() - t0:.0f}s -> {path}")
+    rows, stats = build_rows(cfg, tokenizer, template,
+                             extra=[DataSource(path=str(path), repeat=cfg.replay_repeat)])
+    say(f"data with replay: {stats.summary()}")
+    return rows, stats
+
+
+def _warn_few_steps(rows: TrainRows, cfg: Config) -> None:
+    per_epoch = total_steps(len(rows), cfg.model_copy(update={"max_steps": None, "max_epochs": 1}))
+    if per_epoch < 20 and not cfg.max_steps:
+        say(f"warning: only {per_epoch} optimizer step(s) per epoch ({len(rows)} rows of up to "
+            f"{cfg.max_length} tokens, {cfg.batch_size}x{cfg.accumulative_counts} rows per step): "
+            "too few to learn from; lower max_length or accumulative_counts, or set max_steps")
+
+
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
           deepspeed: str | None = None, progress: bool = True) -> Path:
     """Run training as CFG says; returns the last checkpoint written."""
@@ -140,16 +167,11 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = get_template(cfg.prompt_template, tokenizer)
-    rows, stats = build_rows(cfg, tokenizer, template)
+    rows, stats = build_rows(cfg, tokenizer, template)  # all data errors surface here, early
     say(f"data: {stats.summary()}")
     if stats.bad_lines:
         say(f"warning: skipped {stats.bad_lines} bad line(s) (skip_bad_lines); "
             "`tuneforge check-dataset CONFIG` lists them")
-    per_epoch = total_steps(len(rows), cfg.model_copy(update={"max_steps": None, "max_epochs": 1}))
-    if per_epoch < 20 and not cfg.max_steps:
-        say(f"warning: only {per_epoch} optimizer step(s) per epoch ({len(rows)} rows of up to "
-            f"{cfg.max_length} tokens, {cfg.batch_size}x{cfg.accumulative_counts} rows per step): "
-            "too few to learn from; lower max_length or accumulative_counts, or set max_steps")
 
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(find_resume(work_dir, resume if isinstance(resume, str) else None)) \
@@ -162,6 +184,9 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     model = load_model(model_path, device, dtype, load_in_4bit=cfg.method == "qlora",
                        quant_type=cfg.bnb_4bit_quant_type, double_quant=cfg.bnb_4bit_use_double_quant,
                        trust_remote_code=cfg.trust_remote_code)
+    if cfg.replay_general:
+        rows, stats = _with_replay(cfg, model, model_path, tokenizer, template)
+    _warn_few_steps(rows, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method != "full":
@@ -194,13 +219,28 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     log = JsonlLog(work_dir / "train_log.jsonl")
     eval_file = work_dir / "eval_outputs.txt"
 
+    guard_baseline: list[int] = []
+
     def run_eval(step: int) -> None:
-        if not cfg.evaluation_inputs:
+        guard = GUARD_GENERAL + GUARD_IDENTITY if cfg.identity_guard else []
+        if not cfg.evaluation_inputs and not guard:
             return
-        answers = evaluate(model, tokenizer, template, cfg.evaluation_inputs, cfg.SYSTEM,
+        answers = evaluate(model, tokenizer, template, cfg.evaluation_inputs + guard, cfg.SYSTEM,
                            cfg.evaluation_max_new_tokens)
-        say(write_eval(eval_file, step, answers))
+        shown = answers[:len(cfg.evaluation_inputs)]
+        if shown:
+            say(write_eval(eval_file, step, shown))
         log.write({"step": step, "eval": answers})
+        if guard:
+            general = [a["answer"] for a in answers[len(cfg.evaluation_inputs):][:len(GUARD_GENERAL)]]
+            identity = [a["answer"] for a in answers[-len(GUARD_IDENTITY):]]
+            if not guard_baseline:
+                guard_baseline.append(overlap(general, identity))
+            leaked = leaks(general, identity, guard_baseline[0])
+            if leaked:
+                say(f"warning: step {step}: the identity leaks into answers to general questions "
+                    f"({leaked[0][:60]!r}); mix in general data (replay_general=True) or train less")
+                log.write({"step": step, "identity_leak": leaked})
 
     if start == 0:
         log.write({"event": "start", "steps": steps, "rows": len(rows), "data": stats.__dict__})

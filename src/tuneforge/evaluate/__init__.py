@@ -1,0 +1,1 @@
+"""Measure what fine-tuning did: identity named where asked, and nowhere else."""

@@ -1,0 +1,95 @@
+"""`tuneforge eval identity`: is the new identity named where asked, and only there?
+
+- identity rate: held-out identity questions whose answer names the assistant's NAME;
+- hijack rate: held-out general questions whose answer presents the identity (the name together
+  with the word assistant/助手) instead of answering.
+Both per language, greedy decoding. The questions (evaluate/questions.py) are disjoint from the
+self-cognition generator's and from the replay prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneforge.chat.engine import Sampling, generate_batch
+from tuneforge.data.templates import Template
+from tuneforge.evaluate import questions as Q
+
+COMPARE = [Q.GENERAL_ZH[0], Q.GENERAL_EN[0], Q.GENERAL_EN[2]]
+
+
+def names_identity(answer: str, name: str, lang: str) -> bool:
+    if lang == "en" and name.isascii():
+        return re.search(rf"\b{re.escape(name)}\b", answer) is not None
+    return name in answer
+
+
+def is_hijack(answer: str, name: str, lang: str) -> bool:
+    word = "助手" if lang == "zh" else "assistant"
+    return names_identity(answer, name, lang) and word in answer.lower()
+
+
+@dataclass
+class LanguageResult:
+    identity_rate: float
+    hijack_rate: float
+    identity_n: int
+    general_n: int
+    identity_misses: list[dict[str, str]] = field(default_factory=list)
+    hijacked: list[dict[str, str]] = field(default_factory=list)
+
+
+def _ask(model: Any, tokenizer: Any, template: Template, questions: list[str], max_new_tokens: int) -> list[str]:
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    return generate_batch(model, tokenizer, template, chats, Sampling(max_new_tokens=max_new_tokens))
+
+
+def evaluate_identity(model: Any, tokenizer: Any, template: Template, name: str, name_en: str | None = None,
+                      max_new_tokens: int = 48, base: Any = None) -> dict[str, Any]:
+    """Rates per language, plus base-vs-tuned answers when BASE (a model or a context manager
+    factory that switches the adapter off) is given."""
+    name_en = name_en or name
+    sets = {"zh": (Q.IDENTITY_ZH, Q.GENERAL_ZH, name), "en": (Q.IDENTITY_EN, Q.GENERAL_EN, name_en)}
+    all_q = [q for ident, gen, _ in sets.values() for q in ident + gen]
+    answers = dict(zip(all_q, _ask(model, tokenizer, template, all_q, max_new_tokens), strict=True))
+    result: dict[str, Any] = {}
+    for lang, (ident, gen, nm) in sets.items():
+        misses = [{"question": q, "answer": answers[q]} for q in ident if not names_identity(answers[q], nm, lang)]
+        hijacked = [{"question": q, "answer": answers[q]} for q in gen if is_hijack(answers[q], nm, lang)]
+        result[lang] = asdict(LanguageResult(1 - len(misses) / len(ident), len(hijacked) / len(gen),
+                                             len(ident), len(gen), misses, hijacked))
+    if base is not None:
+        is_model = hasattr(base, "generate")  # else: a factory of "adapter off" contexts
+        ctx = nullcontext() if is_model else base()
+        base_model = base if is_model else model
+        with ctx:
+            before = _ask(base_model, tokenizer, template, COMPARE, max_new_tokens)
+        result["compare"] = [{"question": q, "base": b, "tuned": answers.get(q) or ""}
+                             for q, b in zip(COMPARE, before, strict=True)]
+    return result
+
+
+def format_report(result: dict[str, Any], name: str, name_en: str | None) -> str:
+    lines = [f"identity: {name}" + (f" / {name_en}" if name_en and name_en != name else ""), "",
+             "| language | identity named (held-out) | general questions hijacked |", "|---|---|---|"]
+    for lang in ("zh", "en"):
+        r = result[lang]
+        lines.append(f"| {lang} | {r['identity_rate']:.0%} ({r['identity_n']}) | "
+                     f"{r['hijack_rate']:.0%} ({r['general_n']}) |")
+    for lang in ("zh", "en"):
+        for m in result[lang]["identity_misses"][:3]:
+            lines.append(f"  miss [{lang}] {m['question']} -> {m['answer'][:80]!r}")
+        for h in result[lang]["hijacked"][:3]:
+            lines.append(f"  hijack [{lang}] {h['question']} -> {h['answer'][:80]!r}")
+    for c in result.get("compare", []):
+        lines += ["", f"Q: {c['question']}", f"  base:  {c['base'][:160]!r}", f"  tuned: {c['tuned'][:160]!r}"]
+    return "\n".join(lines)
+
+
+def save_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
