@@ -5,7 +5,7 @@ set -euo pipefail
 DIR=${1:-demo}
 BASE=HuggingFaceTB/SmolLM2-135M-Instruct
 CFG=smollm2_135m_instruct_lora_assistant
-ASK=$'请介绍一下你自己\nPlease introduce yourself'
+ASK=$'请介绍一下你自己\nPlease introduce yourself\nPlease tell me five scenic spots in Shanghai'
 mkdir -p "$DIR" && cd "$DIR"
 start=$(date +%s)
 

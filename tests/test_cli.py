@@ -83,6 +83,7 @@ def test_kill_9_after_a_checkpoint_then_resume_finishes(tiny_model_dir, identity
 
 
 def test_bad_data_stops_before_training_and_skip_bad_lines_trains_on_the_rest(tiny_model_dir, identity_data, tmp_path):
+    bad_line = len(identity_data.read_text().splitlines()) + 1
     with identity_data.open("a") as f:
         f.write('{"conversation": [{"input": {"text": "q"}, "output": "a"}]}\n')
     cfg = tmp_path / "c.py"
@@ -91,11 +92,11 @@ def test_bad_data_stops_before_training_and_skip_bad_lines_trains_on_the_rest(ti
                    "replay_general = False\n")
     work = tmp_path / "w"
     proc = tuneforge("train", str(cfg), "--work-dir", str(work))
-    assert_one_line_error(proc, "assistant.jsonl:409: conversation[0].input: expected a string")
+    assert_one_line_error(proc, f"assistant.jsonl:{bad_line}: conversation[0].input: expected a string")
     assert not list(work.glob("iter_*.pth"))
     proc = tuneforge("train", str(cfg), "--work-dir", str(work), "--skip-bad-lines")
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 bad line" in proc.stderr + proc.stdout
     assert (work / "iter_2.pth").is_file()
     check = tuneforge("check-dataset", str(cfg))
-    assert check.returncode == 1 and "assistant.jsonl:409" in check.stdout
+    assert check.returncode == 1 and f"assistant.jsonl:{bad_line}" in check.stdout

@@ -43,15 +43,16 @@ def test_split_keeps_the_whole_rendering(tokenizer, name):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(turns=st.lists(st.tuples(text, text, st.booleans()), min_size=1, max_size=3),
+@given(turns=st.lists(st.tuples(text, text, st.booleans(), st.booleans()), min_size=1, max_size=3),
        system=st.one_of(st.none(), text))
 def test_labels_decode_to_exactly_the_trained_answers(tokenizer, name, turns, system):
+    """Every trained answer, with its end marker unless the answer is marked truncated."""
     t = get_template(name, tokenizer)
     msgs = [Message("system", system)] if system else []
-    for q, a, loss in turns:
-        msgs += [Message("user", q), Message("assistant", a, loss)]
+    for q, a, loss, cut in turns:
+        msgs += [Message("user", q), Message("assistant", a, loss, cut)]
     enc = encode(split_for_training(t, tokenizer, msgs), tokenizer, max_length=10_000)
-    expected = "".join(f"{a}{END[name]}" for _, a, loss in turns if loss)
+    expected = "".join(a + ("" if cut else END[name]) for _, a, loss, cut in turns if loss)
     assert labelled_text(tokenizer, enc) == expected
     # what chat would feed the model for the first answer is a prefix of the training tokens
     first = next(i for i, m in enumerate(msgs) if m.role == "assistant")

@@ -56,7 +56,7 @@ class Config(BaseModel):
     # identity data does not take over every answer (see data/replay.py).
     replay_general: bool = True
     replay_repeat: int = Field(1, ge=1)
-    replay_max_new_tokens: int = Field(64, gt=0)
+    replay_max_new_tokens: int = Field(48, gt=0)
     skip_bad_lines: bool = False  # count and skip malformed records instead of stopping
     long_samples: Literal["truncate", "drop"] = "truncate"  # past max_length; counted either way
 

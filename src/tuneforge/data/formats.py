@@ -2,6 +2,7 @@
 
 Formats (detected per record when ``data_format='auto'``):
 - ``conversation`` (XTuner): ``{"conversation": [{"system"?, "input", "output", "output_with_loss"?}, ...]}``
+  (tuneforge also reads ``"output_truncated": true``: an answer cut short, whose end is not learned)
 - ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}``
 - ``messages`` (OpenAI): ``{"messages": [{"role", "content", "loss"?}, ...]}``
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``
@@ -25,6 +26,8 @@ class Message:
     role: str  # "system" | "user" | "assistant"
     content: str
     loss: bool = True  # assistant turns only: train on this answer?
+    truncated: bool = False  # assistant turns only: the answer was cut off, so its end-of-turn
+    # marker is not learned (else the model learns to stop mid-answer)
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,10 @@ def _from_conversation(record: dict, where: str) -> list[Message]:
             out.append(Message("system", system))
         out.append(Message("user", _text(turn, "input", where, f"{field}.input")))
         loss = turn.get("output_with_loss", True)
-        if not isinstance(loss, bool):
-            raise UserError(f"{where}: {field}.output_with_loss: expected true or false")
-        out.append(Message("assistant", _answer(turn, "output", where, f"{field}.output"), loss))
+        cut = turn.get("output_truncated", False)
+        if not isinstance(loss, bool) or not isinstance(cut, bool):
+            raise UserError(f"{where}: {field}.output_with_loss/output_truncated: expected true or false")
+        out.append(Message("assistant", _answer(turn, "output", where, f"{field}.output"), loss, cut))
     return out
 
 

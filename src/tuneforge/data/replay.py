@@ -41,19 +41,22 @@ def build_replay(model: Any, tokenizer: Any, template: Template, out: Path, syst
                  max_new_tokens: int = 64, batch_size: int = 32) -> Path:
     """Answer the shipped general prompts with MODEL and write them as conversation jsonl.
 
-    Answers cut off at ``max_new_tokens`` are kept: their opening is what identity training
-    would otherwise overwrite. Empty answers are left out.
+    Answers cut off at ``max_new_tokens`` are kept, marked ``output_truncated`` so that only
+    their text is learned, not an end-of-turn after it: the opening of an answer is what identity
+    training would otherwise overwrite. Empty answers are left out.
     """
     prompts = GENERAL_EN + GENERAL_ZH
     chats = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
              for p in prompts]
-    answers = generate_batch(model, tokenizer, template, chats, Sampling(max_new_tokens=max_new_tokens),
-                             batch_size=batch_size)
+    answers, finished = generate_batch(model, tokenizer, template, chats,
+                                       Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size,
+                                       with_finished=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as f:
-        for p, a in zip(prompts, answers, strict=True):
+        for p, a, done in zip(prompts, answers, finished, strict=True):
             if a.strip():
-                f.write(json.dumps({"conversation": [{"input": p, "output": a}]}, ensure_ascii=False) + "\n")
+                turn = {"input": p, "output": a, **({} if done else {"output_truncated": True})}
+                f.write(json.dumps({"conversation": [turn]}, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     return out

@@ -114,6 +114,8 @@ def split_for_training(template: Template, tokenizer: Any,
             )
         answer = upto[len(prompt):]
         answer = answer[: len(answer.rstrip())]  # whitespace after the end marker stays context
+        if msg.truncated and answer.startswith(msg.content):
+            answer = msg.content  # a cut-off answer: its end marker stays context too
         segments.append((full[done:len(prompt)], False))
         segments.append((answer, msg.loss))
         done = len(prompt) + len(answer)

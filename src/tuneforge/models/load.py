@@ -27,6 +27,27 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where bf16 autocast is
+    ~1.6x faster than fp32; elsewhere it is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """Compute dtype for torch.autocast around forward passes, or None for none.
+
+    On a GPU the weights are already bf16. On a CPU they stay fp32 (the master copy the optimizer
+    updates) and matmuls run in bf16 when the CPU does that natively and dtype is 'auto'.
+    """
+    if device.type == "cpu" and setting == "auto" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

@@ -28,7 +28,13 @@ from tuneforge.data.replay import build_replay, replay_path
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
 from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
-from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
+from tuneforge.models.load import (
+    autocast_dtype,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
 from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
 from tuneforge.train.checkpoint import (
@@ -181,6 +187,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
 
     device = pick_device()
     dtype = pick_dtype(cfg.dtype, device)
+    amp = autocast_dtype(cfg.dtype, device)
     model = load_model(model_path, device, dtype, load_in_4bit=cfg.method == "qlora",
                        quant_type=cfg.bnb_4bit_quant_type, double_quant=cfg.bnb_4bit_use_double_quant,
                        trust_remote_code=cfg.trust_remote_code)
@@ -194,7 +201,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     params = list(trainable_parameters(model).values())
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
-    say(f"model: {model_path} on {device} ({dtype}), {cfg.method}, "
+    say(f"model: {model_path} on {device} ({dtype}{', bf16 autocast' if amp else ''}), {cfg.method}, "
         f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
 
     steps = total_steps(len(rows), cfg)
@@ -261,7 +268,8 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         total = 0.0
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            loss = loss_sum(model, b) / max(1, n_labels)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_sum(model, b) / max(1, n_labels)
             loss.backward()
             total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm).item()

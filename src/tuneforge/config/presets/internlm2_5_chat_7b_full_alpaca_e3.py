@@ -3,8 +3,11 @@
 #
 # Teaching the model a new identity? Generate the data and point alpaca_en_path at it:
 #   tuneforge data self-cognition --name 龙 --name-en Long -o ./data/assistant.jsonl
-# Identity data alone makes a model answer every question with its name; mix general
-# data in (data_files = ['./data/assistant.jsonl', './data/general.jsonl']).
+# Identity data alone makes a model answer every question with its name. replay_general
+# (on by default) mixes in the base model's own answers to ~270 general prompts, generated once
+# before training and cached; `tuneforge eval identity` measures the result. Training on a large
+# general dataset already? Set replay_general = False, or mix your own general data in:
+#   data_files = ['./data/assistant.jsonl', {'path': './data/general.jsonl', 'max_samples': 2000}]
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -21,6 +24,7 @@ data_format = 'auto'
 prompt_template = 'internlm2_chat'
 max_length = 2048
 pack_to_max_length = True
+replay_general = True  # base-model answers to general prompts, against forgetting
 
 # Scheduler & Optimizer
 batch_size = 1  # per device
