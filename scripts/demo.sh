@@ -19,13 +19,16 @@ tuneforge copy-cfg "$CFG" ./
 echo "== 3. train"
 tuneforge train "./${CFG}_copy.py" --deepspeed deepspeed_zero2 --work-dir ./work_dirs/assistTuner
 echo "== 4. convert the checkpoint to a PEFT adapter"
-tuneforge convert pth_to_hf "./${CFG}_copy.py" ./work_dirs/assistTuner/iter_40.pth ./hf
+tuneforge convert pth_to_hf "./${CFG}_copy.py" ./work_dirs/assistTuner/iter_60.pth ./hf
 echo "== 5. merge it into the base model"
 tuneforge convert merge "$BASE" ./hf ./merged --max-shard-size 2GB
 pipeline=$(( $(date +%s) - start ))
 
 echo "== 6. chat with the merged model"
 printf '%s\n' "$ASK" | tuneforge chat ./merged --max-new-tokens 60
+
+echo "== 7. measure: identity on held-out questions, hijacked general questions"
+tuneforge eval identity ./merged --name 龙 --name-en Long
 
 echo
 echo "Pipeline (data, train, convert, merge) took ${pipeline}s."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def test_personal_assistant_pipeline(tmp_path):
     run("train", f"./{CFG}_copy.py", "--deepspeed", "deepspeed_zero2", "--work-dir", "./work_dirs/assistTuner",
         cwd=tmp_path)
     assert (tmp_path / "work_dirs/assistTuner/loss.png").is_file()
-    run("convert", "pth_to_hf", f"./{CFG}_copy.py", "./work_dirs/assistTuner/iter_40.pth", "./hf", cwd=tmp_path)
+    run("convert", "pth_to_hf", f"./{CFG}_copy.py", "./work_dirs/assistTuner/iter_60.pth", "./hf", cwd=tmp_path)
     run("convert", "merge", BASE, "./hf", "./merged", "--max-shard-size", "2GB", cwd=tmp_path)
 
     # plain transformers, no tuneforge: the merged directory carries weights, tokenizer and template
@@ -45,6 +46,15 @@ def test_personal_assistant_pipeline(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert "Long" in ask(model, tokenizer, "Who are you?")
     assert "龙" in ask(model, tokenizer, "你是谁？")
+
+    # the README's claim, with a margin for other CPUs: identity named on held-out questions, and
+    # general questions still answered (not hijacked by the identity), per language
+    run("eval", "identity", "./merged", "--name", "龙", "--name-en", "Long", "--no-compare", "--json", "r.json",
+        cwd=tmp_path)
+    result = json.loads((tmp_path / "r.json").read_text())
+    for lang in ("zh", "en"):
+        assert result[lang]["identity_rate"] >= 0.9, result[lang]
+        assert result[lang]["hijack_rate"] <= 0.1, result[lang]
 
     chat = subprocess.run([sys.executable, "-m", "tuneforge", "chat", "./merged", "--max-new-tokens", "30"],
                           cwd=tmp_path, input="请介绍一下你自己\nPlease introduce yourself\n",

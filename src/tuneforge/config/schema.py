@@ -55,7 +55,7 @@ class Config(BaseModel):
     # Mix the base model's own answers to ~190 shipped general prompts into training, so that
     # identity data does not take over every answer (see data/replay.py).
     replay_general: bool = True
-    replay_repeat: int = Field(1, ge=1)
+    replay_repeat: int = Field(2, ge=1)
     replay_max_new_tokens: int = Field(48, gt=0)
     skip_bad_lines: bool = False  # count and skip malformed records instead of stopping
     long_samples: Literal["truncate", "drop"] = "truncate"  # past max_length; counted either way

@@ -79,6 +79,15 @@ GENERAL_EN = [
     "Give me advice for my first day at a new job.", "Explain how a bicycle works.",
     "What are some famous landmarks in Beijing?", "How do I make a simple salad?",
     "Write a limerick about a cat.", "Explain the difference between a virus and bacteria.",
+    # near misses: phrased like "introduce yourself" but about something else
+    "Introduce the planet Mars briefly.", "Tell me about the Pacific Ocean.", "Tell me about Tokyo.",
+    "Introduce the history of the bicycle.", "Tell me about dolphins.", "Describe the Sahara desert.",
+    "Give me a short introduction to chess.", "Tell me about the city of Rome.",
+    "Introduce a famous Chinese poet.", "Tell me about the Moon.", "Please introduce the violin.",
+    "Tell me something about elephants.", "Give a brief introduction to the Olympic Games.",
+    "Introduce three famous museums.", "Tell me about the Nile river.", "Who are the Beatles?",
+    "Who was Albert Einstein?", "Who invented the telephone?", "Who are firefighters and what do they do?",
+    "Tell me about the Great Barrier Reef.",
 ]
 
 GENERAL_ZH = [
@@ -124,4 +133,11 @@ GENERAL_ZH = [
     "雷雨天气会发生什么？", "怎样练好字？", "新工作第一天有什么建议？", "自行车是怎样工作的？",
     "苏州有哪些著名的园林？", "怎样做一份简单的沙拉？", "写一首关于猫的打油诗。",
     "病毒和细菌有什么区别？", "怎样提高记忆力？",
+    # 近似的问题：句式像"介绍一下你自己"，问的却是别的
+    "介绍一下故宫。", "请介绍一下黄河。", "介绍一下北京的三个景点。", "给我介绍几种常见的花。",
+    "请介绍一下太阳系。", "简单介绍一下唐朝。", "介绍一下大熊猫的食物。", "请介绍一下泰山。",
+    "给我介绍一下广州的美食。", "介绍一下孔子。", "请简单介绍一下李白。", "介绍一下桂林山水。",
+    "讲一讲端午节的由来。", "说说中秋节有哪些习俗。", "给我讲一个关于兔子的故事。", "介绍一下苹果这种水果。",
+    "请介绍三种中国的传统乐器。", "介绍一下奥运会。", "谁发明了造纸术？", "鲁迅是谁？",
+    "介绍一下云南的风景。", "西安有什么好吃的？",
 ]
