@@ -184,8 +184,11 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
             row += 1
 
 
-def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows)."""
+def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows).
+
+    A .jsonl line of invalid JSON raises, or, with BAD given, is recorded there and skipped.
+    """
     if path.suffix == ".parquet":
         yield from _parquet_records(path)
         return
@@ -206,7 +209,11 @@ def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
+                msg = f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})"
+                if bad is None:
+                    raise UserError(msg) from err
+                bad.append(msg)
+                continue
             yield f"{path}:{lineno}", record
 
 
@@ -214,7 +221,7 @@ def iter_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) ->
     """Every sample of PATH, streamed. With BAD given, malformed records are appended there and
     skipped; without it the first one raises."""
     empty = True
-    for where, rec in _records_or_bad(path, bad):
+    for where, rec in iter_records(path, bad):
         try:
             yield Sample(tuple(to_messages(rec, fmt, where)), where)
             empty = False
@@ -228,18 +235,3 @@ def iter_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) ->
 
 def load_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> list[Sample]:
     return list(iter_samples(path, fmt, bad))
-
-
-def _records_or_bad(path: Path, bad: list[str] | None) -> Iterator[tuple[str, Any]]:
-    """Like iter_records, but a line of invalid JSON is recorded in BAD instead of raised."""
-    if bad is None or path.suffix in (".json", ".parquet"):
-        yield from iter_records(path)
-        return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                bad.append(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})")
