@@ -55,6 +55,7 @@ def main() -> None:
         tf("convert", "merge", str(out / "base"), "hf", "merged", "--device", "auto", cwd=out)
         subprocess.run([sys.executable, "-m", "tuneforge", "chat", "merged", "--max-new-tokens", "12"],
                        cwd=out, input="你是谁？\n", text=True, check=True)
+        tf("eval", "identity", "merged", "--name", "龙", "--name-en", "Long", "--max-new-tokens", "8", cwd=out)
     if not losses[-1] < losses[0] - 0.5:
         sys.exit("loss did not go down")
     print("SMOKE OK")
