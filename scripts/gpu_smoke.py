@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--method", default="lora")
+    ap.add_argument("--opt", nargs="*", default=[], help="more --cfg-options for train")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def main() -> None:
     tf("copy-cfg", "smollm2_135m_instruct_lora_assistant", ".", cwd=out)
     tf("train", "smollm2_135m_instruct_lora_assistant_copy.py", "--work-dir", "work", "--cfg-options",
        f"pretrained_model_name_or_path={str(out / 'base')!r}", f"method={args.method!r}", "max_steps=30",
-       "lr=1e-2" if args.method != "full" else "lr=1e-3", cwd=out)
+       "lr=1e-2" if args.method != "full" else "lr=1e-3", *args.opt, cwd=out)
     log = [json.loads(x) for x in (out / "work/train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     print(f"loss first {losses[0]:.3f} last {losses[-1]:.3f}")
