@@ -58,7 +58,14 @@ def plot_loss(log: list[dict[str, Any]], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, lw=1.2)
+    # raw per-step loss is noisy (a step is a few packed rows); the smoothed line shows the trend
+    smooth, avg = [], losses[0]
+    for x in losses:
+        avg = 0.8 * avg + 0.2 * x
+        smooth.append(avg)
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="per step")
+    ax.plot(steps, smooth, lw=1.8, label="smoothed (EMA 0.8)")
+    ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("tuneforge training loss")
