@@ -100,3 +100,30 @@ def test_bad_data_stops_before_training_and_skip_bad_lines_trains_on_the_rest(ti
     assert (work / "iter_2.pth").is_file()
     check = tuneforge("check-dataset", str(cfg))
     assert check.returncode == 1 and f"assistant.jsonl:{bad_line}" in check.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, identity_data, tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
+        f"data_files = {str(identity_data)!r}\n"
+        "lora_r = 4\nlora_alpha = 8\nmax_length = 128\nbatch_size = 2\nmax_steps = 400\n"
+        "save_steps = 1000\nreplay_general = False\nidentity_guard = False\n")
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    log = work / "train_log.jsonl"
+    while time.time() < deadline and proc.poll() is None and (
+            not log.exists() or '"step": 3,' not in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    saved = list(work.glob("iter_*.pth"))
+    assert len(saved) == 1 and int(saved[0].stem.split("_")[1]) < 400
+    resumed = tuneforge("train", str(cfg), "--work-dir", str(work), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (work / "iter_400.pth").is_file()

@@ -70,3 +70,33 @@ def test_missing_data_file_is_named(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path / "nope.jsonl")
     with pytest.raises(UserError, match="nope.jsonl' not found"):
         train(cfg, tmp_path / "w", progress=False)
+
+
+def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_model_dir, identity_data, tmp_path, monkeypatch):
+    import tuneforge.train.loop as loop
+
+    real = loop.loss_sum
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        out = real(model, batch)
+        return out * float("nan") if calls["n"] in (3, 4) else out  # step 2's two micro-batches
+
+    monkeypatch.setattr(loop, "loss_sum", sometimes_nan)
+    cfg = tiny_config(tiny_model_dir, identity_data, max_steps=4, save_steps=100)
+    last = train(cfg, tmp_path / "w", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "skipped_update" in r] == [2]
+    state = load_checkpoint(last)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_repeated_non_finite_losses_stop_with_a_clear_message(tiny_model_dir, identity_data, tmp_path, monkeypatch):
+    import tuneforge.train.loop as loop
+
+    monkeypatch.setattr(loop, "loss_sum", lambda model, batch: loop.F.cross_entropy(
+        torch.full((1, 3), float("nan"), requires_grad=True), torch.tensor([0]), reduction="sum"))
+    cfg = tiny_config(tiny_model_dir, identity_data, max_steps=20, save_steps=100)
+    with pytest.raises(UserError, match="non-finite loss or gradient; stopped.*last good checkpoint: none yet"):
+        train(cfg, tmp_path / "w", progress=False)

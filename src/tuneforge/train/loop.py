@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
 from tuneforge.train.checkpoint import (
     find_resume,
+    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -46,6 +49,36 @@ from tuneforge.train.checkpoint import (
 )
 from tuneforge.train.hooks import JsonlLog, evaluate, plot_loss, write_eval
 from tuneforge.train.optim import build_optimizer, build_scheduler
+
+MAX_BAD_STEPS_IN_A_ROW = 5
+
+
+class TrainingStopped(UserError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved at the step boundary."""
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a request that the loop honours at the next step boundary,
+    after saving a checkpoint; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # asked twice: the user means now
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        tqdm.write(f"[tuneforge] {self.requested}: saving a checkpoint at the end of this step")
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
 
 
 def say(msg: str) -> None:
@@ -261,40 +294,65 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not live,
                dynamic_ncols=True)
     t_loop = time.time()
-    for step in range(start, steps):
-        t0 = time.time()
-        batches = [collate(b, tokenizer.pad_token_id) for b in micro_batches(rows, cfg, step)]
-        n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        total = 0.0
-        for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = loss_sum(model, b) / max(1, n_labels)
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm).item()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    skipped = bad_in_a_row = 0
+    stop = StopRequest()
+    try:
+        for step in range(start, steps):
+            t0 = time.time()
+            batches = [collate(b, tokenizer.pad_token_id) for b in micro_batches(rows, cfg, step)]
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            total = 0.0
+            for b in batches:
+                b = {k: v.to(device) for k, v in b.items()}
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = loss_sum(model, b) / max(1, n_labels)
+                loss.backward()
+                total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm).item()
+            done = step + 1
+            if math.isfinite(total) and math.isfinite(grad_norm):
+                bad_in_a_row = 0
+                optimizer.step()
+                scheduler.step()
+            else:
+                # One bad batch (overflow, a corrupt sample) must not poison the weights: skip the
+                # update, count it, and stop only if it keeps happening.
+                skipped += 1
+                bad_in_a_row += 1
+                log.write({"step": done, "skipped_update": "non-finite loss or gradient"})
+                say(f"warning: step {done}: non-finite loss or gradient; update skipped ({skipped} so far)")
+                if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+                    stop.restore()
+                    good = find_resume(work_dir, None) if list_checkpoints(work_dir) else None
+                    raise UserError(
+                        f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopped. "
+                        f"Lower lr or check the data; last good checkpoint: {good or 'none yet'}")
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        n_tokens = sum(b["input_ids"].numel() for b in batches)
-        tps = n_tokens / max(1e-9, time.time() - t0)
-        lr = scheduler.get_last_lr()[0]
-        log.write({"step": done, "loss": round(total, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens": n_tokens, "tokens_per_s": round(tps, 1)})
-        bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-        bar.update(1)
-        if progress and not live and (done % every == 0 or done == steps):
-            eta = (time.time() - t_loop) / (done - start) * (steps - done)
-            say(f"step {done}/{steps} loss {total:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
+            n_tokens = sum(b["input_ids"].numel() for b in batches)
+            tps = n_tokens / max(1e-9, time.time() - t0)
+            lr = scheduler.get_last_lr()[0]
+            log.write({"step": done, "loss": round(total, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
+                       "tokens": n_tokens, "tokens_per_s": round(tps, 1)})
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            if progress and not live and (done % every == 0 or done == steps):
+                eta = (time.time() - t_loop) / (done - start) * (steps - done)
+                say(f"step {done}/{steps} loss {total:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
 
-        if done % cfg.save_steps == 0 or done == steps:
-            payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template)
-            last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
-            say(f"saved {last}")
-        if done % cfg.evaluation_freq == 0 and done != steps:
-            run_eval(done)
+            if done % cfg.save_steps == 0 or done == steps or stop.requested:
+                payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template)
+                last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
+                say(f"saved {last}")
+            if stop.requested:
+                bar.close()
+                stop.restore()
+                raise TrainingStopped(f"stopped by {stop.requested} at step {done}/{steps}; checkpoint {last}. "
+                                      "Continue with the same command plus --resume")
+            if done % cfg.evaluation_freq == 0 and done != steps:
+                run_eval(done)
+    finally:
+        stop.restore()
     bar.close()
 
     if last is None:  # resumed from a checkpoint of the final step: nothing left to do
