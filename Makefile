@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests scripts
 
 clean:
 	rm -rf $(VENV) demo

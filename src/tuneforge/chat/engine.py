@@ -23,12 +23,24 @@ class Sampling:
 
 
 def _autocast(model: Any) -> Any:
-    """bf16 matmuls for an fp32 model on a CPU with native bf16: twice the tokens per second."""
+    """bf16 matmuls for an fp32 model on a CPU with native bf16 (about 2x the tokens per second, measured ad hoc on an AMD EPYC)."""
     from tuneforge.models.load import autocast_dtype
 
     param = next(model.parameters())
     amp = autocast_dtype("auto", param.device) if param.dtype == torch.float32 else None
     return torch.autocast(param.device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def _generate_kwargs(sampling: Sampling, stops: list[int], pad_token_id: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
+                                  pad_token_id=pad_token_id,
+                                  repetition_penalty=sampling.repetition_penalty)
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                      top_k=sampling.top_k)
+    else:  # greedy; None silences "flags are not valid" warnings from the model's own defaults
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
 
 
 def generate(model: Any, tokenizer: Any, template: Template, messages: list[dict],
@@ -37,16 +49,7 @@ def generate(model: Any, tokenizer: Any, template: Template, messages: list[dict
     prompt = render(template, tokenizer, messages, add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = ids.to(next(model.parameters()).device)
-    greedy = sampling.temperature <= 0
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-        eos_token_id=stop_token_ids(template, tokenizer), pad_token_id=tokenizer.pad_token_id,
-        repetition_penalty=sampling.repetition_penalty,
-    )
-    if not greedy:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    else:  # silence "generation flags are not valid" warnings from the model's own defaults
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = _generate_kwargs(sampling, stop_token_ids(template, tokenizer), tokenizer.pad_token_id)
     streamer = _CallbackStreamer(tokenizer, on_text) if on_text else None
     was_training = model.training
     model.eval()
@@ -65,6 +68,7 @@ def generate_batch(model: Any, tokenizer: Any, template: Template, chats: list[l
     ended by itself (a stop token) rather than at ``max_new_tokens``."""
     device = next(model.parameters()).device
     stops = stop_token_ids(template, tokenizer)
+    kwargs = _generate_kwargs(sampling, stops, tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -78,14 +82,6 @@ def generate_batch(model: Any, tokenizer: Any, template: Template, chats: list[l
             idx = order[start:start + batch_size]
             prompts = [render(template, tokenizer, chats[i], add_generation_prompt=True) for i in idx]
             enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-            kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
-                                          pad_token_id=tokenizer.pad_token_id,
-                                          repetition_penalty=sampling.repetition_penalty)
-            if sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             with torch.no_grad(), _autocast(model):
                 out = model.generate(**enc, **kwargs)
             for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:], strict=True):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +23,7 @@ from tuneforge.data.encode import Encoded, encode
 from tuneforge.data.formats import Message, Sample, iter_samples
 from tuneforge.data.templates import Template, split_for_training
 from tuneforge.errors import UserError
+from tuneforge.files import atomic_directory
 from tuneforge.models.resolve import cache_dir
 
 FORMAT_VERSION = 3
@@ -140,9 +140,7 @@ def data_cache_dir() -> Path:
 
 def _write(store_dir: Path, encoded: Iterator[Encoded], bad: list[str]) -> None:
     """Stream encoded samples into flat int32 files (4 bytes a token), then rename into place."""
-    store_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=store_dir.parent))
-    try:
+    with atomic_directory(store_dir) as tmp:
         lengths: list[int] = []
         truncated: list[bool] = []
         trained: list[int] = []
@@ -157,13 +155,6 @@ def _write(store_dir: Path, encoded: Iterator[Encoded], bad: list[str]) -> None:
         np.save(tmp / "truncated.npy", np.array(truncated, dtype=bool))
         np.save(tmp / "trained.npy", np.array(trained, dtype=np.int64))
         (tmp / "bad.json").write_text(json.dumps(bad, ensure_ascii=False))
-        if store_dir.exists():  # a concurrent run wrote the same content
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, store_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load(store_dir: Path) -> TokenStore:

