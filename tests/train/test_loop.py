@@ -78,9 +78,9 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_model_dir, ident
     real = loop.loss_sum
     calls = {"n": 0}
 
-    def sometimes_nan(model, batch):
+    def sometimes_nan(model, batch, *rest):
         calls["n"] += 1
-        out = real(model, batch)
+        out = real(model, batch, *rest)
         return out * float("nan") if calls["n"] in (3, 4) else out  # step 2's two micro-batches
 
     monkeypatch.setattr(loop, "loss_sum", sometimes_nan)
@@ -95,7 +95,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_model_dir, ident
 def test_repeated_non_finite_losses_stop_with_a_clear_message(tiny_model_dir, identity_data, tmp_path, monkeypatch):
     import tuneforge.train.loop as loop
 
-    monkeypatch.setattr(loop, "loss_sum", lambda model, batch: loop.F.cross_entropy(
+    monkeypatch.setattr(loop, "loss_sum", lambda model, batch, *rest: loop.F.cross_entropy(
         torch.full((1, 3), float("nan"), requires_grad=True), torch.tensor([0]), reduction="sum"))
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=20, save_steps=100)
     with pytest.raises(UserError, match="non-finite loss or gradient; stopped.*last good checkpoint: none yet"):

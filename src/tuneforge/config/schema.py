@@ -42,7 +42,11 @@ class Config(BaseModel):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    gradient_checkpointing: bool = False
+    # "auto": on a GPU, recompute as few layers as fit memory_budget_gib (measured at start);
+    # on a CPU, none. True recomputes every layer, False none.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    memory_budget_gib: float | None = Field(None, gt=0)  # None: the GPU's memory, less 5%
+    fast_path: bool = True  # fused LoRA/norm/MLP, chunked cross-entropy, varlen attention (GPU)
 
     # PART 1: data
     data_files: str | list[str | DataSource]
@@ -51,7 +55,7 @@ class Config(BaseModel):
     SYSTEM: str = ""
     max_length: int = Field(2048, gt=8)
     pack_to_max_length: bool = True
-    use_varlen_attn: bool = False
+    use_varlen_attn: bool = False  # accepted from XTuner configs; packed samples never see each other
     # Mix the base model's own answers to ~190 shipped general prompts into training, so that
     # identity data does not take over every answer (see data/replay.py).
     replay_general: bool = True
@@ -65,7 +69,7 @@ class Config(BaseModel):
     accumulative_counts: int = Field(1, gt=0)
     max_epochs: int = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    optim_type: Literal["AdamW"] = "AdamW"
+    optim_type: Literal["AdamW", "AdamW8bit"] = "AdamW"
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)

@@ -59,11 +59,11 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, *,
                load_in_4bit: bool = False, quant_type: str = "nf4", double_quant: bool = True,
-               trust_remote_code: bool = False) -> Any:
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Any:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
-                              "attn_implementation": "sdpa"}
+                              "attn_implementation": attn_implementation}
     if load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -78,7 +78,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, *,
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as err:
-        if "attn_implementation" not in str(err) and "sdpa" not in str(err).lower():
+        if "attn_implementation" not in str(err) and attn_implementation not in str(err).lower():
             raise
         kwargs.pop("attn_implementation")  # custom (remote-code) models without SDPA
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

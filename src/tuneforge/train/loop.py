@@ -30,6 +30,9 @@ from tuneforge.data.replay import build_replay, replay_path
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
 from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
+from tuneforge.fast import attention, recompute
+from tuneforge.fast.path import FastPath, enable, plan_recompute
+from tuneforge.fast.path import loss_sum as fast_loss_sum
 from tuneforge.models.load import (
     autocast_dtype,
     load_model,
@@ -48,7 +51,7 @@ from tuneforge.train.checkpoint import (
     set_rng_state,
 )
 from tuneforge.train.hooks import JsonlLog, evaluate, plot_loss, write_eval
-from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.optim import build_optimizer, build_scheduler, state_bytes
 
 MAX_BAD_STEPS_IN_A_ROW = 5
 
@@ -123,18 +126,68 @@ def total_steps(n_rows: int, cfg: Config) -> int:
     return per_epoch * cfg.max_epochs
 
 
-def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def loss_sum(model: Any, batch: dict[str, Any], fast: FastPath | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled tokens of BATCH."""
+    if fast is not None and fast.linear_ce:
+        return fast_loss_sum(model, batch, fast)
     targets = batch["labels"][:, 1:]
     # Project to the vocabulary only where some row has a label: prompts are most of the tokens,
     # and the vocab projection is the largest matmul of a small model.
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
     # No attention_mask: transformers then derives a block-diagonal causal mask from the
-    # restarting position_ids, which keeps packed samples apart.
+    # restarting position_ids, which keeps packed samples apart (or varlen attention does).
+    extra = {k: v for k, v in batch.items() if k.startswith(("cu_seq_lens", "max_length"))}
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   use_cache=False, logits_to_keep=keep).logits
+                   use_cache=False, logits_to_keep=keep, **extra).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                            targets[:, keep].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def load_for_training(cfg: Config, model_path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """The base model as CFG wants it trained: 4-bit for qlora, varlen attention on a GPU."""
+    varlen = cfg.fast_path and device.type == "cuda" and attention.varlen_available()
+    return load_model(model_path, device, dtype, load_in_4bit=cfg.method == "qlora",
+                      quant_type=cfg.bnb_4bit_quant_type, double_quant=cfg.bnb_4bit_use_double_quant,
+                      trust_remote_code=cfg.trust_remote_code,
+                      attn_implementation=attention.register() if varlen else "sdpa")
+
+
+def prepare_for_training(model: Any, cfg: Config) -> tuple[Any, FastPath | None]:
+    """Gradient checkpointing hooks, LoRA adapters and the fast path, as CFG says."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method != "full":
+        model = apply_lora(model, cfg)
+    varlen = model.config._attn_implementation == attention.NAME
+    return model, enable(model, varlen=varlen) if cfg.fast_path else None
+
+
+def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype | None) -> Any:
+    """With gradient_checkpointing='auto': on a GPU, recompute as few layers as the memory budget
+    allows (returns the plan); on a CPU, none. Call after the optimizer exists."""
+    if cfg.gradient_checkpointing != "auto":
+        return None
+    if device.type != "cuda":
+        recompute.apply(recompute.decoder_layers(model), 0)
+        return None
+    later = state_bytes(list(trainable_parameters(model).values()), cfg)
+    return plan_recompute(model, cfg.max_length * cfg.batch_size, cfg.memory_budget_gib, amp, later)
+
+
+def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: FastPath | None,
+                     device: torch.device, amp: torch.dtype | None, n_labels: int) -> float:
+    """Accumulate the gradient of one optimizer step's micro-batches; returns the mean loss per
+    labelled token."""
+    total = 0.0
+    for b in batches:
+        if fast is not None and fast.varlen:
+            b = {**b, **attention.varlen_kwargs(b["position_ids"])}
+        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_sum(model, b, fast) / max(1, n_labels)
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, step: int,
@@ -221,16 +274,13 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     device = pick_device()
     dtype = pick_dtype(cfg.dtype, device)
     amp = autocast_dtype(cfg.dtype, device)
-    model = load_model(model_path, device, dtype, load_in_4bit=cfg.method == "qlora",
-                       quant_type=cfg.bnb_4bit_quant_type, double_quant=cfg.bnb_4bit_use_double_quant,
-                       trust_remote_code=cfg.trust_remote_code)
+    model = load_for_training(cfg, model_path, device, dtype)
     if cfg.replay_general:
         rows, stats = _with_replay(cfg, model, model_path, tokenizer, template)
     _warn_few_steps(rows, cfg)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method != "full":
-        model = apply_lora(model, cfg)
+    model, fast = prepare_for_training(model, cfg)
+    if fast:
+        say(fast.describe())
     params = list(trainable_parameters(model).values())
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
@@ -240,6 +290,10 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     steps = total_steps(len(rows), cfg)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
+    plan = plan_memory(model, cfg, device, amp)
+    if plan:
+        say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
+                               "; that is over budget: lower max_length or use qlora"))
     start = 0
     if ckpt is not None:
         missing = set(trainable_parameters(model)) - set(ckpt["state_dict"])
@@ -301,13 +355,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
             t0 = time.time()
             batches = [collate(b, tokenizer.pad_token_id) for b in micro_batches(rows, cfg, step)]
             n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-            total = 0.0
-            for b in batches:
-                b = {k: v.to(device) for k, v in b.items()}
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = loss_sum(model, b) / max(1, n_labels)
-                loss.backward()
-                total += loss.item()
+            total = forward_backward(model, batches, fast, device, amp, n_labels)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm).item()
             done = step + 1
             if math.isfinite(total) and math.isfinite(grad_norm):

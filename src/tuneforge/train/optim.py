@@ -1,4 +1,5 @@
-"""AdamW with linear warmup then cosine decay to zero (XTuner's LinearLR + CosineAnnealingLR)."""
+"""AdamW (or bitsandbytes' 8-bit AdamW, whose moments take a quarter of the memory) with linear
+warmup then cosine decay to zero (XTuner's LinearLR + CosineAnnealingLR)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,25 @@ from typing import Any
 import torch
 
 from tuneforge.config.schema import Config
+from tuneforge.errors import UserError
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    if cfg.optim_type == "AdamW8bit":
+        if not all(p.is_cuda for p in params):
+            raise UserError("optim_type='AdamW8bit' needs a CUDA GPU; use optim_type='AdamW' on CPU")
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError as err:
+            raise UserError("optim_type='AdamW8bit' needs bitsandbytes: pip install bitsandbytes") from err
+        return AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def state_bytes(params: list[torch.nn.Parameter], cfg: Config) -> int:
+    """What the optimizer's moments and the gradients will take once the first step has run."""
+    per_param = 2 if cfg.optim_type == "AdamW8bit" else 2 * 4
+    return sum(p.numel() * (per_param + p.element_size()) for p in params)
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float) -> float:

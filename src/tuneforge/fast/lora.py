@@ -1,0 +1,98 @@
+"""LoRA linear layers as one autograd function: y = x W^T + s (x A^T) B^T.
+
+peft's layer casts the input to the adapter's fp32 dtype, runs three separate modules and lets
+autograd save a copy of the input per layer. Here the adapter runs in the compute dtype, the input
+is saved once (q/k/v and gate/up share it) and a 4-bit base weight is dequantised on the fly in
+forward and again in backward, so no full-precision copy of it ever stays alive. The peft module
+tree and parameter names are left as they are, so checkpoints and adapters keep their layout.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on X run in: autocast's when it is on, else X's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """BASE's weight as a dense (out, in) tensor in DTYPE; 4-bit weights are dequantised."""
+    w = base.weight
+    quant_state = getattr(w, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
+    return w.to(dtype)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
+                scaling: float, dropout: float, dtype: torch.dtype) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(dtype)
+        keep = torch.rand_like(x) >= dropout if dropout else None
+        xd = x * keep / (1 - dropout) if dropout else x
+        w = base_weight(base, dtype)
+        xa = xd @ a.to(dtype).t()
+        y = torch.addmm(x @ w.t(), xa, b.to(dtype).t(), alpha=scaling)
+        if base.bias is not None:
+            y = y + base.bias.to(dtype)
+        ctx.save_for_backward(xd, xa, a, b, keep)
+        ctx.base, ctx.scaling, ctx.dtype, ctx.shape, ctx.dropout = base, scaling, dtype, shape, dropout
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xd, xa, a, b, keep = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scaling
+        dy = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        ac, bc = a.to(dtype), b.to(dtype)
+        dyb = dy @ bc  # (n, r)
+        grad_a = (dyb.t() @ xd).mul_(s).to(a.dtype) if a.requires_grad else None
+        grad_b = (dy.t() @ xa).mul_(s).to(b.dtype) if b.requires_grad else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            lora_dx = (dyb @ ac).mul_(s)
+            if keep is not None:
+                lora_dx.mul_(keep).div_(1 - ctx.dropout)
+            dx = torch.addmm(lora_dx, dy, base_weight(ctx.base, dtype)).view(ctx.shape)
+        return dx, grad_a, grad_b, None, None, None, None
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    adapters = [n for n in self.active_adapters if n in self.lora_A]
+    if self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1 \
+            or adapters[0] in getattr(self, "lora_variant", {}):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
+    return LoraLinearFunction.apply(x, self.lora_A[name].weight, self.lora_B[name].weight,
+                                    self.base_layer, self.scaling[name], p, compute_dtype(x))
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Route every plain peft LoRA linear layer of MODEL through the fused function; returns how
+    many. Other layer kinds (DoRA, conv, embeddings) keep peft's own forward."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+            continue
+        base = module.get_base_layer()
+        dense = type(base) is torch.nn.Linear
+        four_bit = type(base).__name__ == "Linear4bit"
+        if dense or four_bit:
+            module.forward = types.MethodType(_fused_forward, module)
+            n += 1
+    return n

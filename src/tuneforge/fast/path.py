@@ -1,0 +1,109 @@
+"""Turn the fast path on for a model about to be trained, and say what it did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tuneforge.data.encode import IGNORE
+from tuneforge.fast import recompute
+from tuneforge.fast.cross_entropy import linear_cross_entropy
+from tuneforge.fast.lora import fuse_lora
+from tuneforge.fast.mlp import fuse_swiglu
+from tuneforge.fast.norm import fuse_rmsnorm
+
+
+@dataclass
+class FastPath:
+    lora_layers: int = 0
+    norms: int = 0
+    mlps: int = 0
+    varlen: bool = False
+    linear_ce: bool = False
+    recompute: recompute.Plan | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [f"fused LoRA x{self.lora_layers}", f"RMSNorm x{self.norms}", f"SwiGLU x{self.mlps}",
+                 "chunked linear cross-entropy" if self.linear_ce else "plain cross-entropy",
+                 "varlen attention" if self.varlen else "SDPA attention"]
+        if self.recompute:
+            parts.append(self.recompute.describe())
+        return "fast path: " + ", ".join(parts)
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers *ForCausalLM under a peft wrapper, or MODEL itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def head_for_linear_ce(model: Any) -> torch.Tensor | None:
+    """The output projection's weight, when the logits are nothing but ``hidden @ weight.T``."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    cfg = lm.config
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) \
+            or getattr(cfg, "logits_scaling", None):
+        return None
+    return head.weight
+
+
+def enable(model: Any, varlen: bool) -> FastPath:
+    """Fuse what the model allows; VARLEN says the model was loaded with the varlen attention."""
+    fast = FastPath(varlen=varlen)
+    fast.lora_layers = fuse_lora(model) if hasattr(model, "peft_config") else 0
+    fast.norms = fuse_rmsnorm(model)
+    fast.mlps = fuse_swiglu(model)
+    fast.linear_ce = head_for_linear_ce(model) is not None
+    return fast
+
+
+def loss_sum(model: Any, batch: dict[str, Any], fast: FastPath) -> torch.Tensor:
+    """Summed next-token cross-entropy over BATCH's labelled tokens, through the decoder and the
+    chunked head; packed boundaries travel to attention when it is the varlen one."""
+    lm = causal_lm(model)
+    extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+             if fast.varlen and k in batch}
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              use_cache=False, **extra).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    labelled = targets != IGNORE
+    return linear_cross_entropy(hidden[:, :-1][labelled], lm.get_output_embeddings().weight,
+                                targets[labelled])
+
+
+def plan_recompute(model: Any, tokens: int, budget_gib: float | None, amp: torch.dtype | None,
+                   later_bytes: int) -> recompute.Plan:
+    """Pick how many layers to recompute so that TOKENS-token micro-batches fit in BUDGET_GIB
+    (default: what the GPU has, less 5%). Call with the model on the GPU and gradient
+    checkpointing enabled; LATER_BYTES is what the first step will add (gradients, optimizer
+    moments). The per-layer cost is measured on a 256-token probe."""
+    from tuneforge.fast.cross_entropy import CHUNK_ELEMENTS
+
+    lm = causal_lm(model)
+    layers = recompute.decoder_layers(model)
+    probe_len = min(256, tokens)
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, lm.config.vocab_size, (1, probe_len), device=dev)
+    pos = torch.arange(probe_len, device=dev)[None]
+
+    def probe() -> None:
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            lm.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False)
+
+    per_token = recompute.saved_bytes_per_token(model, layers, probe, probe_len)
+    # One chunk of logits (fp32, and its bf16 gradient) and the hidden-state gradient the head keeps.
+    hidden = lm.config.hidden_size
+    vocab = lm.config.vocab_size
+    head = min(CHUNK_ELEMENTS, tokens * vocab) * 6 + tokens * hidden * 4
+    free, total = torch.cuda.mem_get_info(dev)
+    budget = int(budget_gib * recompute.GIB) if budget_gib else int(0.95 * (free + torch.cuda.memory_allocated(dev)))
+    # The allocator's fragmentation and cuBLAS workspaces: keep a tenth in reserve.
+    fixed = int(torch.cuda.memory_allocated(dev) + later_bytes + head + 0.1 * budget)
+    chosen = recompute.plan(len(layers), per_token, hidden, tokens, fixed, budget)
+    recompute.apply(layers, chosen.recomputed)
+    return chosen

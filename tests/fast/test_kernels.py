@@ -1,0 +1,121 @@
+"""Each fused function computes what the plain modules compute: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuneforge.data.encode import IGNORE
+from tuneforge.fast.cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
+from tuneforge.fast.lora import fuse_lora
+from tuneforge.fast.mlp import SwiGLUFunction
+from tuneforge.fast.norm import fuse_rmsnorm
+
+
+def _lora_model(dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.SiLU(), torch.nn.Linear(24, 8, bias=False))
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "2"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero; a non-zero B makes the test see the LoRA term
+            torch.nn.init.normal_(p)
+    return model
+
+
+def _grads(model, x):
+    x = x.clone().requires_grad_(True)
+    model.zero_grad()
+    out = model(x)
+    out.pow(2).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_lora_matches_peft_values_and_gradients():
+    model = _lora_model()
+    x = torch.randn(2, 5, 16)
+    want = _grads(model, x)
+    assert fuse_lora(model) == 2
+    got = _grads(model, x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lora_dropout_gradient_uses_the_same_mask():
+    model = _lora_model(dropout=0.5)
+    fuse_lora(model)
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 16, requires_grad=True)
+    torch.manual_seed(1)
+    y = layer(x)
+    y.sum().backward()
+    torch.manual_seed(1)
+    keep = torch.rand_like(x) >= 0.5
+    x2 = x.detach().clone().requires_grad_(True)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref = layer.base_layer(x2) + (x2 * keep / 0.5) @ a.t() @ b.t() * layer.scaling["default"]
+    torch.testing.assert_close(y, ref)
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_fused_lora_falls_back_when_adapters_are_disabled():
+    model = _lora_model()
+    x = torch.randn(4, 16)
+    with model.disable_adapter():
+        plain = model(x)
+    fuse_lora(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), plain)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_linear_cross_entropy_matches_full_logits(head_trains, monkeypatch):
+    monkeypatch.setattr("tuneforge.fast.cross_entropy.CHUNK_ELEMENTS", 50 * 7)  # several chunks
+    torch.manual_seed(0)
+    h = torch.randn(23, 12, requires_grad=True)
+    w = torch.randn(50, 12, requires_grad=head_trains)
+    t = torch.randint(0, 50, (23,))
+    t[::4] = IGNORE
+    want = F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE, reduction="sum")
+    gh, *gw = torch.autograd.grad(want * 0.5, [h] + ([w] if head_trains else []))
+    h2 = h.detach().clone().requires_grad_(True)
+    got = linear_cross_entropy(h2, w, t)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-4)
+    g2 = torch.autograd.grad(got * 0.5, [h2] + ([w] if head_trains else []))
+    torch.testing.assert_close(g2[0], gh, rtol=1e-4, atol=1e-5)
+    if head_trains:
+        torch.testing.assert_close(g2[1], gw[0], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_cross_entropy_all_ignored_is_zero():
+    h = torch.randn(4, 8, requires_grad=True)
+    loss = LinearCrossEntropyFunction.apply(h, torch.randn(10, 8), torch.full((4,), IGNORE), torch.float32)
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rmsnorm_matches_llama(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(32, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 7, 32, dtype=dtype)
+    want = _grads(norm, x)
+    assert fuse_rmsnorm(norm) == 1
+    got = _grads(norm, x)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    for a, b in [(got[0], want[0]), (got[1], want[1]), (got[2]["weight"], want[2]["weight"])]:
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_swiglu_gradient():
+    g = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLUFunction.apply, (g, u))
