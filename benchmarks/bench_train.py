@@ -193,7 +193,8 @@ def tuneforge(run: Run, path: Path, lr: float, seq: int, fast_path: bool = True,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg)
     plan = plan_memory(model, cfg, device, amp)
-    log(f"  {fast.describe() if fast else 'plain path'}; {plan.describe() if plan else ''}")
+    step_plan = f"{fast.describe() if fast else 'plain path'}; {plan.describe() if plan else ''}"
+    log("  " + step_plan)
     model.train()
 
     def step(samples: list[list[int]]) -> int:
@@ -208,6 +209,7 @@ def tuneforge(run: Run, path: Path, lr: float, seq: int, fast_path: bool = True,
         step.last_loss = loss
         return len(row)
 
+    step.plan = step_plan
     return step
 
 
@@ -247,11 +249,13 @@ def worker(name: str, args: argparse.Namespace) -> dict:
         step(samples)
     sync()
     t0 = time.time()
-    tokens, lengths = 0, []
+    tokens, lengths, times = 0, [], []
     for samples in data[args.warmup:]:
+        t1 = time.time()
         tokens += step(samples)
+        sync()  # per-step times; the loss read-out syncs every step anyway
+        times.append(round(time.time() - t1, 3))
         lengths += [len(s) for s in samples]
-    sync()
     secs = time.time() - t0
     tps = tokens / secs
     return {"run": name, "engine": run.engine, "mode": run.mode, "workload": run.workload,
@@ -259,14 +263,15 @@ def worker(name: str, args: argparse.Namespace) -> dict:
             "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if DEV == "cuda" else None,
             "reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2) if DEV == "cuda" else None,
             "flops_per_token": flops_per_token(cfg, run.mode, lengths), "note": run.note,
-            "steps": args.steps, "load_s": round(load_s, 1)}
+            "steps": args.steps, "load_s": round(load_s, 1), "step_s": times,
+            "plan": getattr(step, "plan", "")}
 
 
 def loss_check(args: argparse.Namespace) -> dict:
     """50 steps of the plain path and of the fast path on the same packed rows (the mix
     workload, cycled over 10 rows so that the loss falls): the curves must agree."""
     run = Run("tuneforge", "lora", "mix", budget_gib=None)
-    cfg = model_config(args.shape, args.layers)
+    cfg = model_config(args.shape, args.check_layers)
     data = batches_for(run, args.seq, cfg.vocab_size, 10, seed=1)
     curves = {}
     for fast in (False, True):
@@ -333,6 +338,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated, from: " + ", ".join(RUNS))
     ap.add_argument("--loss-steps", type=int, default=50, help="0: no loss check")
+    ap.add_argument("--check-layers", type=int, default=4, help="layers of the loss-check model")
     ap.add_argument("--model", type=Path, default=Path("/tmp/tuneforge-bench-model"))
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -346,6 +352,7 @@ def main() -> None:
     import peft
     import transformers
 
+    check_model = args.model.with_name(f"{args.model.name}-{args.shape}-{args.check_layers}")
     args.model = args.model.with_name(f"{args.model.name}-{args.shape}-{args.layers or 'all'}")
     make_model(args.model, args.shape, args.layers)
     meta = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "CPU", "matmul_tflops": round(matmul_tflops(), 1),
@@ -354,11 +361,11 @@ def main() -> None:
             "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])}
     print(f"{meta['gpu']}: bf16 matmul {meta['matmul_tflops']} TFLOP/s", flush=True)
     forwarded = ["--shape", args.shape, "--seq", str(args.seq), "--steps", str(args.steps),
-                 "--warmup", str(args.warmup), "--lr", str(args.lr), "--model", str(args.model),
-                 "--loss-steps", str(args.loss_steps)] + (["--layers", str(args.layers)] if args.layers else [])
+                 "--warmup", str(args.warmup), "--lr", str(args.lr), "--loss-steps", str(args.loss_steps),
+                 "--check-layers", str(args.check_layers)] + (["--layers", str(args.layers)] if args.layers else [])
 
     def child(extra: list[str]) -> dict | None:
-        proc = subprocess.run([sys.executable, __file__, *forwarded, *extra], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, __file__, *forwarded, *extra], timeout=900, capture_output=True, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         result = next((json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         for line in proc.stdout.splitlines():
@@ -371,12 +378,16 @@ def main() -> None:
     rows = []
     for name in [n.strip() for n in args.runs.split(",") if n.strip()]:
         t0 = time.time()
-        r = child(["--one", name])
+        r = child(["--one", name, "--model", str(args.model)])
         if r:
             rows.append(r)
-            print(f"{name}: {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_gib']} GiB "
+            print(f"{name}: {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_gib']} GiB, steps {r['step_s']} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
-    check = child(["--check"]) if args.loss_steps else None
+            write_results(rows, meta, None, args.out)  # a cut-off run still leaves what it measured
+    check = None
+    if args.loss_steps:
+        make_model(check_model, args.shape, args.check_layers)
+        check = child(["--check", "--model", str(check_model)])
     if check:
         print(f"loss check: max rel diff {check['max_rel_diff']:.2e}", flush=True)
     write_results(rows, meta, check, args.out)

@@ -9,22 +9,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tuneforge.fast.compiled import on_gpu
+
+
+@on_gpu
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@on_gpu
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = gate.float()
+    sig = torch.sigmoid(g)
+    dy32 = dy.float()
+    d_up = (dy32 * g * sig).to(up.dtype)
+    d_gate = (dy32 * up.float() * sig * (1 + g * (1 - sig))).to(gate.dtype)
+    return d_gate, d_up
+
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return swiglu(gate, up)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        g = gate.float()
-        sig = torch.sigmoid(g)
-        dy32 = dy.float()
-        d_up = (dy32 * g * sig).to(up.dtype)
-        d_gate = (dy32 * up.float() * sig * (1 + g * (1 - sig))).to(gate.dtype)
-        return d_gate, d_up
+        return swiglu_backward(dy, gate, up)
 
 
 def _forward(self: Any, x: torch.Tensor) -> torch.Tensor:

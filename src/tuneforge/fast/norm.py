@@ -8,24 +8,39 @@ from typing import Any
 
 import torch
 
+from tuneforge.fast.compiled import on_gpu
+
+
+@on_gpu
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
+@on_gpu
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
+                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.float() * rstd
+    dn = (dy * weight).float()
+    dx = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+    return dx, n.to(x.dtype)
+
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        y, rstd = rmsnorm(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return weight * (x32 * rstd).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, rstd, weight = ctx.saved_tensors
-        n = x.float() * rstd
-        dn = (dy * weight).float()
-        dx = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+        dx, n = rmsnorm_backward(dy, x, rstd, weight)
         dw = None
         if weight.requires_grad:
-            dw = (dy * n.to(x.dtype)).reshape(-1, dy.shape[-1]).float().sum(0).to(weight.dtype)
+            dw = (dy * n).reshape(-1, dy.shape[-1]).float().sum(0).to(weight.dtype)
         return dx, dw, None
 
 
