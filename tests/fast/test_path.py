@@ -81,7 +81,10 @@ def test_recompute_plan_follows_the_budget():
     mib = 1 << 20
     args = dict(n_layers=10, saved_per_token_layer=1000, hidden_size=100, tokens=1000, fixed_bytes=100 * mib)
     assert recompute.plan(**args, budget_bytes=200 * mib).recomputed == 0
-    assert recompute.plan(**args, budget_bytes=101 * mib).recomputed == 10
+    full = recompute.plan(**args, budget_bytes=100 * mib + 3 * 1000 * 1000)
+    assert full.recomputed == 10 and not full.offload
+    offloaded = recompute.plan(**args, budget_bytes=101 * mib)
+    assert offloaded.recomputed == 10 and offloaded.offload
     middle = recompute.plan(**args, budget_bytes=100 * mib + 6 * 1000 * 1000)
     assert 0 < middle.recomputed < 10 and middle.need_gib * (1 << 30) <= 100 * mib + 6e6
 
@@ -108,3 +111,22 @@ def test_saved_bytes_are_measured_per_layer(tiny_model_dir):
 
 def test_fast_path_describes_itself():
     assert "varlen attention" in FastPath(varlen=True).describe()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_recomputed_layers_give_the_same_gradients(tiny_model_dir, offload):
+    from tuneforge.models.load import load_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (1, 32))
+    grads = []
+    for recomputed in (0, 2):
+        model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.train()
+        recompute.apply(recompute.decoder_layers(model), recomputed, offload=offload)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)

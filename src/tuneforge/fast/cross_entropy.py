@@ -15,7 +15,7 @@ import torch
 from tuneforge.data.encode import IGNORE
 from tuneforge.fast.lora import compute_dtype
 
-CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 512 MiB in fp32
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in fp32
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

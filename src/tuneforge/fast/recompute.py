@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 GIB = 1 << 30
 
@@ -24,10 +25,12 @@ class Plan:
     saved_per_token_layer: int  # bytes autograd keeps per token in one layer, not recomputed
     budget_gib: float
     need_gib: float  # the estimated peak with this plan
+    offload: bool = False  # recomputed layers keep their input in CPU memory, not on the GPU
 
     def describe(self) -> str:
         kind = "off" if self.recomputed == 0 else "full" if self.recomputed == self.layers else "selective"
-        return (f"recompute {kind}: {self.recomputed}/{self.layers} layers "
+        return (f"recompute {kind}: {self.recomputed}/{self.layers} layers"
+                f"{', inputs offloaded to CPU' if self.offload else ''} "
                 f"(est. peak {self.need_gib:.1f} of {self.budget_gib:.1f} GiB budget)")
 
 
@@ -46,14 +49,17 @@ def saved_bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
     seen: list[set[tuple[int, int]]] = [set() for _ in layers]
     total = [0] * len(layers)
 
+    kept: list[torch.Tensor] = []  # alive until the end, so no two tensors share an address
+
     def pack(t: torch.Tensor) -> None:
+        kept.append(t)
         if current and t.device.type != "meta":
             key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
             i = current[-1]
             if key[0] not in params and key not in seen[i]:
                 seen[i].add(key)
                 total[i] += t.untyped_storage().nbytes()
-        return None  # nothing is kept: the probe never runs backward
+        return None  # the probe never runs backward
 
     def leave(module: Any, args: Any, output: Any) -> None:
         current.pop()  # a forward hook's return value would replace the output: return None
@@ -69,6 +75,7 @@ def saved_bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             forward()
     finally:
+        kept.clear()
         for h in handles:
             h.remove()
         for layer, f in zip(layers, flags, strict=True):
@@ -78,7 +85,8 @@ def saved_bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
 
 def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: int,
          fixed_bytes: int, budget_bytes: int) -> Plan:
-    """The fewest recomputed layers whose estimated peak fits BUDGET_BYTES.
+    """The fewest recomputed layers whose estimated peak fits BUDGET_BYTES; if even recomputing
+    every layer does not fit, their inputs go to CPU memory as well.
 
     FIXED_BYTES: what is allocated whatever the plan (weights, adapter, optimizer state, one
     chunk of logits). A recomputed layer keeps its input (``2 * hidden`` bytes a token); the
@@ -86,19 +94,62 @@ def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: in
     """
     keep_all = saved_per_token_layer * tokens
     ckpt = 2 * hidden_size * tokens
-    best = n_layers
+
+    def need(recomputed: int, offload: bool = False) -> int:
+        return fixed_bytes + (n_layers - recomputed) * keep_all \
+            + (0 if offload else recomputed * ckpt) + (keep_all if recomputed else 0)
+
     for recomputed in range(0, n_layers + 1):
-        need = fixed_bytes + (n_layers - recomputed) * keep_all + recomputed * ckpt \
-            + (keep_all if recomputed else 0)
-        if need <= budget_bytes:
-            best = recomputed
-            break
-    need = fixed_bytes + (n_layers - best) * keep_all + best * ckpt + (keep_all if best else 0)
-    return Plan(n_layers, best, saved_per_token_layer, budget_bytes / GIB, need / GIB)
+        if need(recomputed) <= budget_bytes:
+            return Plan(n_layers, recomputed, saved_per_token_layer, budget_bytes / GIB, need(recomputed) / GIB)
+    return Plan(n_layers, n_layers, saved_per_token_layer, budget_bytes / GIB,
+                need(n_layers, offload=True) / GIB, offload=True)
 
 
-def apply(layers: list[torch.nn.Module], recomputed: int) -> None:
+class OffloadedCheckpoint(torch.autograd.Function):
+    """Gradient checkpointing whose saved input waits in pinned CPU memory (reentrant style:
+    backward copies it back, reruns the layer with autograd on, and backpropagates through it)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.run = run
+        ctx.device = x.device
+        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.cpu = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        ctx.cpu.copy_(x, non_blocking=True)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[None, torch.Tensor]:
+        x = ctx.cpu.to(ctx.device, non_blocking=True).requires_grad_(True)
+        cpu_rng, gpu_rng = torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if x.is_cuda else None
+        torch.set_rng_state(ctx.rng[0])
+        if ctx.rng[1] is not None:
+            torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+        try:
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
+                                                     enabled=ctx.autocast[0]):
+                out = ctx.run(x)
+            torch.autograd.backward(out, dy)
+        finally:
+            torch.set_rng_state(cpu_rng)
+            if gpu_rng is not None:
+                torch.cuda.set_rng_state(gpu_rng, ctx.device)
+        return None, x.grad
+
+
+def offloaded_checkpoint(run: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    if args:  # transformers passes everything but the hidden states by keyword; be safe
+        return torch.utils.checkpoint.checkpoint(run, x, *args, use_reentrant=False)
+    return OffloadedCheckpoint.apply(run, x)
+
+
+def apply(layers: list[torch.nn.Module], recomputed: int, offload: bool = False) -> None:
     """Recompute the first RECOMPUTED layers; the last ones, whose backward runs first, keep
     their tensors. Gradient checkpointing must already be enabled on the model."""
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < recomputed
+        if offload and i < recomputed:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
