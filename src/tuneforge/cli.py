@@ -52,8 +52,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         options["seed"] = args.seed
     if args.skip_bad_lines:
         options["skip_bad_lines"] = True
-    cfg = load_config(args.config, options)
+    cfg = load_config(args.config, options)  # a bad config fails here, before any rank starts
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    from tuneforge.train.launch import launch, slurm_environment
+
+    if args.launcher == "slurm":
+        slurm_environment()
+    else:
+        code = launch(sys.argv[1:] if args.argv is None else args.argv)
+        if code is not None:
+            if code:
+                raise UserError(f"a rank failed (exit {code}); its error is printed above")
+            return
     from tuneforge.train.loop import train
 
     train(cfg, work_dir, resume=args.resume, deepspeed=args.deepspeed, progress=not args.no_progress)
@@ -86,7 +96,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
                         top_p=args.top_p, top_k=args.top_k,
                         repetition_penalty=args.repetition_penalty)
     run_chat(args.model_name_or_path, adapter=args.adapter, prompt_template=args.prompt_template,
-             system=args.system or "", sampling=sampling, stream=not args.no_streamer)
+             system=args.system or "", sampling=sampling, stream=not args.no_streamer,
+             prompts=args.prompt, bits=args.bits)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tuneforge.chat.cli import load_for_chat
+    from tuneforge.chat.engine import template_for
+    from tuneforge.chat.server import Served, serve
+    from tuneforge.chat.worker import Worker
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"[tuneforge] warning: listening on {args.host} without --api-key: anyone who can reach "
+              "this machine can use the model", file=sys.stderr)
+    llm, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter, bits=args.bits)
+    template = template_for(template_dir, tokenizer, args.prompt_template)
+    name = Path(args.model_name_or_path.rstrip("/")).name or "model"
+    worker = Worker(llm, tokenizer, template, max_prompt_tokens=args.max_prompt_tokens)
+    served = Served(worker, name, f"{name}:base" if args.adapter else None, args.api_key, args.max_tokens)
+    serve(served, args.host, args.port)
 
 
 def cmd_self_cognition(args: argparse.Namespace) -> None:
@@ -192,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed data lines instead of stopping")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--launcher", choices=["none", "slurm"], default="none",
+                   help="slurm: this process is one task started by srun (NPROC_PER_NODE is for torchrun)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("check-dataset", help="validate every data line and show what trains")
@@ -235,7 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--no-streamer", action="store_true")
+    s.add_argument("--prompt", action="append", help="ask this and exit; repeat for a multi-turn conversation")
+    s.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible API and a chat web page for a model")
+    s.add_argument("model_name_or_path")
+    s.add_argument("--adapter", help="a LoRA adapter on the base model; the page can compare both")
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) serves this machine only")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="clients must send Authorization: Bearer KEY")
+    s.add_argument("--prompt-template", help="override the template saved with the model")
+    s.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one reply may ask for")
+    s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get HTTP 400")
+    s.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
+    s.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="identity").add_subparsers(
         dest="eval_command", required=True, metavar="SUBCOMMAND")
@@ -273,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the ranks of a multi-process run repeat this command line
     _quiet_libraries()
     try:
         args.func(args)

@@ -38,3 +38,23 @@ def test_saved_template_wins_over_the_tokenizer_default(tokenizer, tmp_path):
     assert template_for(tmp_path, tokenizer, None).name == "llama3_chat"
     assert template_for(tmp_path, tokenizer, "chatml").name == "chatml"
     assert template_for(tmp_path / "none", tokenizer, None).name == "auto"
+
+
+def test_prompts_make_one_conversation_and_old_turns_are_dropped_to_fit(tiny_model_dir):
+    out = io.StringIO()
+    run_chat(str(tiny_model_dir), sampling=Sampling(max_new_tokens=3), stdout=out,
+             prompts=["first question", "second question"])
+    text = out.getvalue()
+    assert text.count(">>> User:") == 2 and text.count(">>> Assistant:") == 2
+
+
+def test_fit_history_keeps_system_and_last_question():
+    from tuneforge.chat.cli import fit_history
+
+    history = [{"role": "system", "content": "s"}]
+    for i in range(5):
+        history += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    history.append({"role": "user", "content": "last"})
+    fitted = fit_history(history, len, 4)  # "tokens" = messages here
+    assert [m["content"] for m in fitted] == ["s", "q4", "a4", "last"]
+    assert [m["content"] for m in fit_history(history, len, 1)] == ["s", "last"]

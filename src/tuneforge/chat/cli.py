@@ -6,12 +6,16 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from tuneforge.chat.engine import Sampling, generate, template_for
+import torch
+
+from tuneforge.chat.engine import Sampling, generate, prompt_ids, template_for
 from tuneforge.errors import UserError
 
 
-def load_for_chat(model: str, adapter: str | None, device: str = "auto") -> tuple[Any, Any, Path]:
-    """Model (merged, or base + adapter) and tokenizer; returns the dir whose template applies."""
+def load_for_chat(model: str, adapter: str | None, device: str = "auto",
+                  bits: int | None = None) -> tuple[Any, Any, Path]:
+    """Model (merged, or base + adapter; 4- or 8-bit with BITS) and tokenizer; returns the dir
+    whose template applies."""
     from transformers import AutoModelForCausalLM
 
     from tuneforge.models.load import load_tokenizer, pick_device
@@ -19,7 +23,19 @@ def load_for_chat(model: str, adapter: str | None, device: str = "auto") -> tupl
 
     path = resolve_model(model)
     dev = pick_device(device)
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(dev)
+    if bits:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as err:
+            raise UserError(f"--bits {bits} needs bitsandbytes: pip install bitsandbytes") from err
+        quant = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8,
+                                   bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+                                   if dev.type == "cuda" else torch.float32)
+        llm = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
+                                                   device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(dev)
     template_dir = path
     tok_dir = path
     if adapter:
@@ -34,15 +50,34 @@ def load_for_chat(model: str, adapter: str | None, device: str = "auto") -> tupl
     return llm, load_tokenizer(tok_dir), template_dir
 
 
+def fit_history(history: list[dict], n_tokens: Any, limit: int) -> list[dict]:
+    """Drop the oldest exchanges (never the system prompt or the last question) until
+    N_TOKENS(history) fits LIMIT."""
+    history = list(history)
+    first = 1 if history and history[0]["role"] == "system" else 0
+    while n_tokens(history) > limit and len(history) - first > 1:
+        # a question goes with its answer
+        drop = 2 if history[first]["role"] == "user" and len(history) - first > 2 else 1
+        del history[first:first + drop]
+    return history
+
+
 def run_chat(model: str, adapter: str | None = None, prompt_template: str | None = None,
              system: str = "", sampling: Sampling | None = None, stream: bool = True,
-             stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+             stdin: TextIO | None = None, stdout: TextIO | None = None,
+             prompts: list[str] | None = None, bits: int | None = None) -> None:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     sampling = sampling or Sampling()
-    llm, tokenizer, template_dir = load_for_chat(model, adapter)
+    llm, tokenizer, template_dir = load_for_chat(model, adapter, bits=bits)
     template = template_for(template_dir, tokenizer, prompt_template)
-    interactive = stdin.isatty()
+    window = getattr(llm.config, "max_position_embeddings", None) or 4096
+    limit = max(64, window - sampling.max_new_tokens)
+
+    def n_tokens(messages: list[dict]) -> int:
+        return len(prompt_ids(tokenizer, template, messages))
+
+    interactive = stdin.isatty() and not prompts
     base_history = [{"role": "system", "content": system}] if system else []
     history = list(base_history)
 
@@ -52,8 +87,13 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
 
     if interactive:
         emit(f"tuneforge chat ({template.name} template). RESET clears the history, EXIT quits.\n")
+    queued = list(prompts or [])
     while True:
-        if interactive:
+        if prompts is not None:
+            if not queued:
+                break
+            question = queued.pop(0)
+        elif interactive:
             try:
                 question = input("\n>>> User: ")
             except EOFError:
@@ -71,10 +111,16 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
             history = list(base_history)
             emit("[history cleared]\n")
             continue
-        if not interactive:  # piped input: each line is a question of its own
+        if prompts is not None:  # --prompt: one conversation, shown as it goes
+            emit(f">>> User: {question}\n")
+        elif not interactive:  # piped input: each line is a question of its own
             history = list(base_history)
             emit(f">>> User: {question}\n")
         history.append({"role": "user", "content": question})
+        trimmed = fit_history(history, n_tokens, limit)
+        if len(trimmed) < len(history):
+            emit(f"[{len(history) - len(trimmed)} old message(s) dropped to fit the context]\n")
+            history = trimmed
         emit(">>> Assistant: ")
         reply = generate(llm, tokenizer, template, history, sampling,
                          on_text=emit if stream else None)

@@ -43,22 +43,52 @@ def _generate_kwargs(sampling: Sampling, stops: list[int], pad_token_id: int | N
     return kwargs
 
 
-def generate(model: Any, tokenizer: Any, template: Template, messages: list[dict],
-             sampling: Sampling, on_text: Callable[[str], None] | None = None) -> str:
-    """Answer the last user turn of MESSAGES; ON_TEXT receives the reply as it streams."""
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool  # ended by a stop token, not by max_new_tokens or a cancel
+
+
+def prompt_ids(tokenizer: Any, template: Template, messages: list[dict]) -> list[int]:
     prompt = render(template, tokenizer, messages, add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
-    kwargs = _generate_kwargs(sampling, stop_token_ids(template, tokenizer), tokenizer.pad_token_id)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def generate_reply(model: Any, tokenizer: Any, template: Template, messages: list[dict],
+                   sampling: Sampling, on_text: Callable[[str], None] | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> Reply:
+    """Answer the last user turn of MESSAGES; ON_TEXT receives the reply as it streams;
+    CANCELLED is asked after every token (a client that went away)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Cancel(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+            stop = bool(cancelled and cancelled())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=next(model.parameters()).device)
+    stops = stop_token_ids(template, tokenizer)
+    kwargs = _generate_kwargs(sampling, stops, tokenizer.pad_token_id)
     streamer = _CallbackStreamer(tokenizer, on_text) if on_text else None
     was_training = model.training
     model.eval()
     with torch.no_grad(), _autocast(model):
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             streamer=streamer, **kwargs)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                             stopping_criteria=StoppingCriteriaList([_Cancel()]) if cancelled else None,
+                             **kwargs)
     if was_training:
         model.train()
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    new = out[0, ids.shape[1]:].tolist()
+    return Reply(tokenizer.decode(new, skip_special_tokens=True).strip(), ids.shape[1], len(new),
+                 any(t in stops for t in new))
+
+
+def generate(model: Any, tokenizer: Any, template: Template, messages: list[dict],
+             sampling: Sampling, on_text: Callable[[str], None] | None = None) -> str:
+    """Answer the last user turn of MESSAGES; ON_TEXT receives the reply as it streams."""
+    return generate_reply(model, tokenizer, template, messages, sampling, on_text).text
 
 
 def generate_batch(model: Any, tokenizer: Any, template: Template, chats: list[list[dict]],

@@ -42,6 +42,7 @@ from tuneforge.models.load import (
 )
 from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
+from tuneforge.train import parallel
 from tuneforge.train.checkpoint import (
     find_resume,
     list_checkpoints,
@@ -88,6 +89,26 @@ def say(msg: str) -> None:
     tqdm.write(f"[tuneforge] {msg}")
 
 
+_say = say
+
+
+def _quiet(msg: str) -> None:
+    """What ranks other than 0 say: nothing."""
+
+
+class _NoLog:
+    def write(self, record: dict) -> None:
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+
+def labelled(rows: list[Row]) -> int:
+    """How many tokens of ROWS count in the loss (labels shift by one)."""
+    return sum(sum(1 for t in r.labels[1:] if t != IGNORE) for r in rows)
+
+
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to one length. Padding gets its own restarting positions, so it forms a
     separate block that no real token attends to, and labels of -100, so it costs no loss."""
@@ -107,22 +128,25 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=g).tolist()
 
 
-def micro_batches(rows: TrainRows, cfg: Config, step: int) -> list[list[Row]]:
-    """The ``accumulative_counts`` micro-batches of optimizer step STEP (0-based)."""
+def micro_batches(rows: TrainRows, cfg: Config, step: int, world: int = 1) -> list[list[Row]]:
+    """All micro-batches of optimizer step STEP (0-based): ``accumulative_counts`` per rank.
+    Rank r trains those at positions r, r + world, ...; so world W with accumulation k trains
+    exactly what one process with accumulation W * k trains."""
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    per_step = cfg.accumulative_counts * world
     out = []
-    for k in range(cfg.accumulative_counts):
-        g = step * cfg.accumulative_counts + k
+    for k in range(per_step):
+        g = step * per_step + k
         epoch, index = divmod(g, per_epoch)
         order = epoch_order(len(rows), cfg.seed, epoch)
         out.append([rows[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size]])
     return out
 
 
-def total_steps(n_rows: int, cfg: Config) -> int:
+def total_steps(n_rows: int, cfg: Config, world: int = 1) -> int:
     if cfg.max_steps:
         return cfg.max_steps
-    per_epoch = math.ceil(math.ceil(n_rows / cfg.batch_size) / cfg.accumulative_counts)
+    per_epoch = math.ceil(math.ceil(n_rows / cfg.batch_size) / (cfg.accumulative_counts * world))
     return per_epoch * cfg.max_epochs
 
 
@@ -211,19 +235,22 @@ def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, 
     }
 
 
-def _note_deepspeed(deepspeed: str | None) -> None:
+def _note_deepspeed(deepspeed: str | None, ranks: parallel.Ranks) -> None:
     if not deepspeed:
         return
     from tuneforge.train.dist import resolve_deepspeed
 
     resolve_deepspeed(deepspeed)  # a bad name or file is still an error
-    if torch.cuda.device_count() <= 1:
+    if ranks.world == 1:
         say(f"--deepspeed {deepspeed}: one process, nothing to shard; the built-in loop trains "
             "with the same settings")
+    else:
+        say(f"--deepspeed {deepspeed}: ZeRO sharding is not built yet; the {ranks.world} ranks train "
+            "data parallel (every rank holds the whole model)")
 
 
 def _with_replay(cfg: Config, model: Any, model_path: Path, tokenizer: Any,
-                 template: Any) -> tuple[TrainRows, Any]:
+                 template: Any, say: Any = say) -> tuple[TrainRows, Any]:
     """Rows with the base model's answers to the general prompts mixed in (generated once)."""
     path = replay_path(model_path, template, cfg.SYSTEM, cfg.replay_max_new_tokens)
     if path.is_file():
@@ -239,8 +266,8 @@ def _with_replay(cfg: Config, model: Any, model_path: Path, tokenizer: Any,
     return rows, stats
 
 
-def _warn_few_steps(rows: TrainRows, cfg: Config) -> None:
-    per_epoch = total_steps(len(rows), cfg.model_copy(update={"max_steps": None, "max_epochs": 1}))
+def _warn_few_steps(rows: TrainRows, cfg: Config, world: int = 1, say: Any = say) -> None:
+    per_epoch = total_steps(len(rows), cfg.model_copy(update={"max_steps": None, "max_epochs": 1}), world)
     if per_epoch < 20 and not cfg.max_steps:
         say(f"warning: only {per_epoch} optimizer step(s) per epoch ({len(rows)} rows of up to "
             f"{cfg.max_length} tokens, {cfg.batch_size}x{cfg.accumulative_counts} rows per step): "
@@ -249,35 +276,57 @@ def _warn_few_steps(rows: TrainRows, cfg: Config) -> None:
 
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
           deepspeed: str | None = None, progress: bool = True) -> Path:
-    """Run training as CFG says; returns the last checkpoint written."""
+    """Run training as CFG says; returns the last checkpoint written. Under torchrun, every
+    rank calls this; rank 0 alone logs, evaluates and saves."""
+    ranks = parallel.init()
+    try:
+        return _train(cfg, work_dir, ranks, resume, deepspeed, progress)
+    finally:
+        parallel.shutdown(ranks)
+
+
+def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | bool | None,
+           deepspeed: str | None, progress: bool) -> Path:
     started = time.time()
-    _note_deepspeed(deepspeed)
+    if ranks.main:
+        _note_deepspeed(deepspeed, ranks)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    say = _say if ranks.main else _quiet
 
     # Model path first: a missing model is the most common mistake, so fail before any work.
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = get_template(cfg.prompt_template, tokenizer)
+    if not ranks.main:
+        parallel.barrier(ranks)  # rank 0 encodes and caches the data; the others then read it
     rows, stats = build_rows(cfg, tokenizer, template)  # all data errors surface here, early
+    if ranks.main:
+        parallel.barrier(ranks)
     say(f"data: {stats.summary()}")
     if stats.bad_lines:
         say(f"warning: skipped {stats.bad_lines} bad line(s) (skip_bad_lines); "
             "`tuneforge check-dataset CONFIG` lists them")
 
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    parallel.barrier(ranks)
     ckpt = load_checkpoint(find_resume(work_dir, resume if isinstance(resume, str) else None)) \
         if resume else None
-    if cfg._source and not resume:
+    if cfg._source and not resume and ranks.main:
         shutil.copyfile(cfg._source, work_dir / Path(cfg._source).name)
 
-    device = pick_device()
+    device = parallel.device(ranks) if ranks.world > 1 else pick_device()
     dtype = pick_dtype(cfg.dtype, device)
     amp = autocast_dtype(cfg.dtype, device)
     model = load_for_training(cfg, model_path, device, dtype)
     if cfg.replay_general:
-        rows, stats = _with_replay(cfg, model, model_path, tokenizer, template)
-    _warn_few_steps(rows, cfg)
+        if not ranks.main:
+            parallel.barrier(ranks)  # rank 0 generates the replay answers once
+        rows, stats = _with_replay(cfg, model, model_path, tokenizer, template, say)
+        if ranks.main:
+            parallel.barrier(ranks)
+    _warn_few_steps(rows, cfg, ranks.world, say)
     model, fast = prepare_for_training(model, cfg)
     if fast:
         say(fast.describe())
@@ -285,9 +334,10 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
     say(f"model: {model_path} on {device} ({dtype}{', bf16 autocast' if amp else ''}), {cfg.method}, "
-        f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
+        f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable"
+        + (f"; {ranks.world} ranks, data parallel" if ranks.world > 1 else ""))
 
-    steps = total_steps(len(rows), cfg)
+    steps = total_steps(len(rows), cfg, ranks.world)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
     plan = plan_memory(model, cfg, device, amp)
@@ -309,15 +359,21 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
         say(f"resumed from step {start}")
+        before = ckpt.get("world_size", 1) * ckpt["config"]["accumulative_counts"]
+        if before != ranks.world * cfg.accumulative_counts:
+            say(f"warning: the checkpoint trained {before} micro-batches per step (ranks x "
+                f"accumulative_counts), this run {ranks.world * cfg.accumulative_counts}; the data "
+                "order and the loss scale change from here on")
+    parallel.broadcast_parameters(params, ranks)
 
-    log = JsonlLog(work_dir / "train_log.jsonl")
+    log = JsonlLog(work_dir / "train_log.jsonl") if ranks.main else _NoLog()
     eval_file = work_dir / "eval_outputs.txt"
 
     guard_baseline: list[int] = []
 
     def run_eval(step: int) -> None:
         guard = GUARD_GENERAL + GUARD_IDENTITY if cfg.identity_guard else []
-        if not cfg.evaluation_inputs and not guard:
+        if not cfg.evaluation_inputs and not guard or not ranks.main:
             return
         answers = evaluate(model, tokenizer, template, cfg.evaluation_inputs + guard, cfg.SYSTEM,
                            cfg.evaluation_max_new_tokens)
@@ -343,7 +399,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     model.train()
     last = None
     # A live bar on a terminal; in a log file, a plain line every tenth of the run instead.
-    live = progress and sys.stderr.isatty()
+    live = progress and sys.stderr.isatty() and ranks.main
     every = max(1, steps // 10)
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not live,
                dynamic_ncols=True)
@@ -353,9 +409,12 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     try:
         for step in range(start, steps):
             t0 = time.time()
-            batches = [collate(b, tokenizer.pad_token_id) for b in micro_batches(rows, cfg, step)]
-            n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            every_rank = micro_batches(rows, cfg, step, ranks.world)
+            n_labels = sum(labelled(b) for b in every_rank)  # the loss is a mean over all ranks' tokens
+            batches = [collate(b, tokenizer.pad_token_id) for b in every_rank[ranks.rank::ranks.world]]
             total = forward_backward(model, batches, fast, device, amp, n_labels)
+            parallel.sum_gradients(params, ranks)
+            total = parallel.total(total, ranks)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm).item()
             done = step + 1
             if math.isfinite(total) and math.isfinite(grad_norm):
@@ -377,7 +436,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                         f"Lower lr or check the data; last good checkpoint: {good or 'none yet'}")
             optimizer.zero_grad(set_to_none=True)
 
-            n_tokens = sum(b["input_ids"].numel() for b in batches)
+            n_tokens = int(parallel.total(sum(b["input_ids"].numel() for b in batches), ranks))
             tps = n_tokens / max(1e-9, time.time() - t0)
             lr = scheduler.get_last_lr()[0]
             log.write({"step": done, "loss": round(total, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
@@ -388,14 +447,19 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
                 eta = (time.time() - t_loop) / (done - start) * (steps - done)
                 say(f"step {done}/{steps} loss {total:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
 
-            if done % cfg.save_steps == 0 or done == steps or stop.requested:
-                payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template)
-                last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
-                say(f"saved {last}")
-            if stop.requested:
+            stopping = parallel.anyone(stop.requested is not None, ranks)
+            if done % cfg.save_steps == 0 or done == steps or stopping:
+                last = work_dir / f"iter_{done}.pth"
+                if ranks.main:
+                    payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template)
+                    payload["world_size"] = ranks.world
+                    last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
+                    say(f"saved {last}")
+            if stopping:
                 bar.close()
                 stop.restore()
-                raise TrainingStopped(f"stopped by {stop.requested} at step {done}/{steps}; checkpoint {last}. "
+                parallel.barrier(ranks)
+                raise TrainingStopped(f"stopped by {stop.requested or 'another rank'} at step {done}/{steps}; checkpoint {last}. "
                                       "Continue with the same command plus --resume")
             if done % cfg.evaluation_freq == 0 and done != steps:
                 run_eval(done)
@@ -403,9 +467,12 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
         stop.restore()
     bar.close()
 
+    parallel.barrier(ranks)  # the final checkpoint is on disk before any rank returns
     if last is None:  # resumed from a checkpoint of the final step: nothing left to do
         last = find_resume(work_dir, None)
     run_eval(steps)
+    if not ranks.main:
+        return last
     plot = plot_loss(log.read(), work_dir / "loss.png")
     log.write({"event": "end", "seconds": round(time.time() - started, 1)})
     say(f"done in {time.time() - started:.0f}s; last checkpoint {last}"

@@ -1,0 +1,96 @@
+"""Data parallelism across ranks: each rank takes its share of every optimizer step's
+micro-batches and the gradients are summed across ranks before the update, so N ranks train
+exactly what one process with N times the accumulation trains."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Ranks:
+    """Join the process group torchrun/Slurm set up (NCCL on GPUs, gloo on CPUs), or return a
+    world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return ranks
+
+
+def device(ranks: Ranks) -> torch.device:
+    return torch.device(f"cuda:{ranks.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def total(value: float, ranks: Ranks) -> float:
+    """VALUE summed over ranks."""
+    if ranks.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def anyone(flag: bool, ranks: Ranks) -> bool:
+    """True on every rank if FLAG is true on any (a stop request must stop all of them)."""
+    return total(float(flag), ranks) > 0
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
+    """Start every rank from rank 0's weights."""
+    if ranks.world > 1:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, 0)
+
+
+def sum_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
+    """Sum the gradients over ranks, as one flat buffer per dtype (one collective, not one per
+    tensor)."""
+    if ranks.world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
