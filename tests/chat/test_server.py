@@ -162,3 +162,48 @@ def test_the_page_streams_an_answer_and_compares_with_the_base(server):
         assert shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_serve_command_starts_and_refuses_a_busy_port(tiny_model_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", str(tiny_model_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert json.loads(r.read())["status"] == "ok"
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+                time.sleep(0.5)
+        second = subprocess.run([sys.executable, "-m", "tuneforge", "serve", str(tiny_model_dir), "--port", str(port)],
+                                capture_output=True, text=True)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1].startswith(f"tuneforge: error: cannot listen on 127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_chat_in_4_bits(bundled_path):
+    pytest.importorskip("bitsandbytes")
+    from tuneforge.chat.engine import Sampling, generate
+
+    llm, tokenizer, template_dir = load_for_chat(str(bundled_path), None, bits=4)
+    assert any(type(m).__name__ == "Linear4bit" for m in llm.modules())
+    template = template_for(template_dir, tokenizer, None)
+    reply = generate(llm, tokenizer, template, [{"role": "user", "content": "What is the capital of France?"}],
+                     Sampling(max_new_tokens=12))
+    assert "Paris" in reply, reply
