@@ -127,3 +127,64 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, identity
     resumed = tuneforge("train", str(cfg), "--work-dir", str(work), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert (work / "iter_400.pth").is_file()
+
+
+SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+import torch
+from tuneforge.train.checkpoint import load_checkpoint, save_checkpoint
+
+class Slow:  # pickled midway through torch.save: the file is open and incomplete meanwhile
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(60)
+        return (int, (0,))
+
+work = Path(sys.argv[1])
+payload = dict(load_checkpoint(work / "iter_4.pth"), step=6, padding=torch.zeros(1 << 20), slow=Slow())
+save_checkpoint(work, 6, payload, keep=-1)
+"""
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_one_before(tiny_model_dir, identity_data, tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
+        f"data_files = {str(identity_data)!r}\n"
+        "lora_r = 4\nlora_alpha = 8\nmax_length = 128\nbatch_size = 2\nmax_steps = 4\n"
+        "save_steps = 2\nsave_total_limit = -1\nreplay_general = False\nidentity_guard = False\n")
+    work = tmp_path / "work"
+    assert tuneforge("train", str(cfg), "--work-dir", str(work)).returncode == 0
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(work)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    assert (work / "iter_6.pth.tmp").is_file()  # the write is under way
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert not (work / "iter_6.pth").exists()
+    assert Path((work / "last_checkpoint").read_text().strip()).name == "iter_4.pth"
+
+    cfg.write_text(cfg.read_text().replace("max_steps = 4", "max_steps = 6"))
+    resumed = tuneforge("train", str(cfg), "--work-dir", str(work), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 4" in resumed.stderr + resumed.stdout
+    assert (work / "iter_6.pth").is_file()
+
+
+def test_a_work_dir_without_room_is_refused_before_training(tiny_model_dir, identity_data, tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
+        f"data_files = {str(identity_data)!r}\n"
+        "method = 'full'\nmax_steps = 2\nreplay_general = False\nidentity_guard = False\n")
+    # a 1 MiB filesystem: the tiny model's full checkpoints (params + AdamW) do not fit
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        proc = tuneforge("train", str(cfg), "--work-dir", str(mount / "work"))
+        assert_one_line_error(proc, "GiB free", "save_total_limit", "--work-dir")
+        assert not list((mount / "work").glob("iter_*"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -20,6 +20,7 @@ def _quiet_libraries() -> None:
     # calls a transformers property that is being renamed: neither is the user's business.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

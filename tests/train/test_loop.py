@@ -100,3 +100,22 @@ def test_repeated_non_finite_losses_stop_with_a_clear_message(tiny_model_dir, id
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=20, save_steps=100)
     with pytest.raises(UserError, match="non-finite loss or gradient; stopped.*last good checkpoint: none yet"):
         train(cfg, tmp_path / "w", progress=False)
+
+
+def test_a_full_disk_mid_run_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from tuneforge.train import checkpoint
+
+    good = checkpoint.save_checkpoint(tmp_path, 2, {"state_dict": {}, "step": 2}, keep=2)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*iter_4.pth: No space left on device; "
+                                        r"the last good checkpoint is .*iter_2.pth"):
+        checkpoint.save_checkpoint(tmp_path, 4, {"state_dict": {}, "step": 4}, keep=2)
+    assert not (tmp_path / "iter_4.pth.tmp").exists() and not (tmp_path / "iter_4.pth").exists()
+    assert checkpoint.find_resume(tmp_path, None) == good.resolve()

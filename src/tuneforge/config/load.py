@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuneforge.config.schema import ALIASES, FIELD_NAMES, Config
+from tuneforge.config.xtuner import is_xtuner_config, read_xtuner_config
 from tuneforge.errors import UserError
 
 
@@ -39,6 +41,11 @@ def parse_cfg_options(options: list[str] | None) -> dict[str, Any]:
 
 def _settings_of(path: Path) -> dict[str, Any]:
     source = path.read_text(encoding="utf-8")
+    if is_xtuner_config(source):  # parsed, never run: xtuner and mmengine need not be installed
+        settings, report = read_xtuner_config(path)
+        for line in report.lines():
+            print(f"[tuneforge] {line}", file=sys.stderr)
+        return settings
     namespace: dict[str, Any] = {"__file__": str(path), "__name__": "tuneforge_config"}
     try:
         code = compile(source, str(path), "exec")

@@ -48,11 +48,16 @@ def _text(record: dict, key: str, where: str, field: str, required: bool = True)
         if required:
             raise UserError(f"{where}: {field}: missing; expected a string")
         return ""
+    if isinstance(value, dict):
+        # The tutorial's data generators are easy to get wrong this way: a turn's text wrapped in
+        # another object. Say what was found and show the line as it should be.
+        texts = [v for v in value.values() if isinstance(v, str)]
+        hint = (f'; write the text itself: "{key}": {json.dumps(texts[0][:40], ensure_ascii=False)}'
+                if len(texts) == 1 else f'; write the text itself as a string: "{key}": "..."')
+        raise UserError(f"{where}: {field}: expected a string, got an object with keys "
+                        f"{', '.join(map(repr, value)) or 'none'}{hint}")
     if not isinstance(value, str):
-        raise UserError(
-            f"{where}: {field}: expected a string, got {_type_name(value)}"
-            + (" (write the text itself as a JSON string, not an object)" if isinstance(value, dict) else "")
-        )
+        raise UserError(f"{where}: {field}: expected a string, got {_type_name(value)}")
     return value
 
 

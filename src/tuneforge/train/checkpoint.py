@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(work_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """Write ``iter_STEP.pth`` (tmp file + rename), point ``last_checkpoint`` at it, prune old ones."""
+    """Write ``iter_STEP.pth`` (tmp file, flushed to disk, then renamed), point
+    ``last_checkpoint`` at it, prune old ones. A kill or a full disk midway leaves the previous
+    checkpoint and ``last_checkpoint`` as they were."""
     path = work_dir / f"iter_{step}.pth"
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    _atomic_write_text(work_dir / LAST, str(path.resolve()))
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _atomic_write_text(work_dir / LAST, str(path.resolve()))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        previous = list_checkpoints(work_dir)
+        raise UserError(f"could not write checkpoint {path}: {err.strerror or err}; the last good "
+                        f"checkpoint is {previous[-1] if previous else 'none yet'}: free space, then "
+                        "run the same command with --resume") from err
     if keep > 0:
         for old in list_checkpoints(work_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+def checkpoint_bytes(trainable: list[torch.nn.Parameter]) -> int:
+    """About what one checkpoint takes: the trainable weights and AdamW's two moments, in fp32."""
+    return sum(p.numel() for p in trainable) * 4 * 3
+
+
+def check_space(work_dir: Path, each: int, keep: int) -> None:
+    """Fail before training, not hours in, when WORK_DIR cannot hold the checkpoints."""
+    if not os.access(work_dir, os.W_OK):
+        raise UserError(f"work dir '{work_dir}' is not writable; pick another with --work-dir")
+    free = shutil.disk_usage(work_dir).free
+    kept = keep if keep > 0 else 3
+    need = each * (kept + 1)  # the kept ones, and the next one being written
+    if free < need:
+        raise UserError(f"work dir '{work_dir}' has {free / 2**30:.2f} GiB free; checkpoints take "
+                        f"{each / 2**30:.2f} GiB each and {kept} are kept (save_total_limit), so "
+                        f"about {need / 2**30:.2f} GiB is needed: free space or use another --work-dir")
 
 
 def list_checkpoints(work_dir: Path) -> list[Path]:

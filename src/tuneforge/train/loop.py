@@ -44,6 +44,8 @@ from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
 from tuneforge.train import parallel
 from tuneforge.train.checkpoint import (
+    check_space,
+    checkpoint_bytes,
     find_resume,
     list_checkpoints,
     load_checkpoint,
@@ -309,7 +311,10 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             "`tuneforge check-dataset CONFIG` lists them")
 
     if ranks.main:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create work dir '{work_dir}': {err.strerror}; pick another with --work-dir") from err
     parallel.barrier(ranks)
     ckpt = load_checkpoint(find_resume(work_dir, resume if isinstance(resume, str) else None)) \
         if resume else None
@@ -338,6 +343,8 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         + (f"; {ranks.world} ranks, data parallel" if ranks.world > 1 else ""))
 
     steps = total_steps(len(rows), cfg, ranks.world)
+    if ranks.main:
+        check_space(work_dir, checkpoint_bytes(params), cfg.save_total_limit)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
     plan = plan_memory(model, cfg, device, amp)

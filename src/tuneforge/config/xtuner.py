@@ -1,0 +1,365 @@
+"""Read an XTuner 0.x config file without xtuner, mmengine or any of its imports.
+
+The file is parsed with ``ast`` and its top-level assignments are evaluated symbolically:
+imported names become ``Ref``s ("xtuner.utils.PROMPT_TEMPLATE.internlm2_chat"), ``dict(...)``
+becomes a dict and calls of anything else become ``Call``s. Then the settings XTuner would use
+(the PART 1 variables, the model's ``lora`` and ``quantization_config``, the dataset, the
+optimizer, the schedulers, the evaluation and checkpoint hooks) are mapped onto tuneforge's
+names, and the reader says which it took and which it ignored. What it cannot map faithfully
+(another dataset map function, sequence parallelism) is refused with a clear line.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import UserError
+
+XTUNER_MODULES = ("xtuner", "mmengine")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An imported name, or an attribute of one: never imported, only named."""
+
+    path: str
+
+    @property
+    def last(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Call:
+    func: Any
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Unknown:
+    source: str
+
+
+@dataclass
+class Report:
+    taken: dict[str, Any] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)  # setting -> why
+
+    def lines(self) -> list[str]:
+        out = ["XTuner config: took " + ", ".join(f"{k}={_short(v)}" for k, v in self.taken.items())]
+        if self.ignored:
+            out.append("XTuner config: ignored " + "; ".join(f"{k} ({why})" for k, why in self.ignored.items()))
+        return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_xtuner_config(source: str) -> bool:
+    """True when the file imports xtuner or mmengine (an XTuner config, not a tuneforge one)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return False
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in XTUNER_MODULES:
+            return True
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in XTUNER_MODULES for a in node.names):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- symbolic evaluation
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+
+class _Evaluator:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.env: dict[str, Any] = {}
+
+    def run(self, tree: ast.Module) -> dict[str, Any]:
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    self.env[(a.asname or a.name).split(".")[0]] = Ref(a.asname and a.name or a.name.split(".")[0])
+            elif isinstance(node, ast.ImportFrom):
+                for a in node.names:
+                    self.env[a.asname or a.name] = Ref(f"{node.module}.{a.name}")
+            elif isinstance(node, ast.Assign):
+                value = self.eval(node.value)
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        self.env[target.id] = value
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+                self.env[node.target.id] = self.eval(node.value)
+            elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+                op = _BINOPS.get(type(node.op))
+                try:
+                    self.env[node.target.id] = op(self.env[node.target.id], self.eval(node.value))
+                except Exception:  # noqa: BLE001 - anything that is not plain arithmetic
+                    self.env[node.target.id] = Unknown(ast.get_source_segment(self.source, node) or "")
+        return self.env
+
+    def eval(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            return self.env.get(node.id, Unknown(node.id))
+        if isinstance(node, ast.Attribute):
+            base = self.eval(node.value)
+            return Ref(f"{base.path}.{node.attr}") if isinstance(base, Ref) else Unknown(
+                ast.get_source_segment(self.source, node) or node.attr)
+        if isinstance(node, ast.List | ast.Tuple | ast.Set):
+            items = [self.eval(e) for e in node.elts]
+            return tuple(items) if isinstance(node, ast.Tuple) else items
+        if isinstance(node, ast.Dict):
+            return {self.eval(k): self.eval(v) for k, v in zip(node.keys, node.values, strict=True) if k is not None}
+        if isinstance(node, ast.Call):
+            func = self.eval(node.func)
+            kwargs = {kw.arg: self.eval(kw.value) for kw in node.keywords if kw.arg}
+            if isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+                return kwargs
+            return Call(func, kwargs)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            left, right = self.eval(node.left), self.eval(node.right)
+            try:
+                return _BINOPS[type(node.op)](left, right)
+            except Exception:  # noqa: BLE001
+                return Unknown(ast.get_source_segment(self.source, node) or "")
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            value = self.eval(node.operand)
+            return -value if isinstance(value, int | float) else Unknown("-" + repr(value))
+        return Unknown(ast.get_source_segment(self.source, node) or type(node).__name__)
+
+
+# ---------------------------------------------------------------- mapping onto tuneforge
+
+# PART 1 names tuneforge reads as they are (aliases resolve later, in load.py)
+PLAIN = ("pretrained_model_name_or_path", "trust_remote_code", "use_varlen_attn", "data_files",
+         "alpaca_en_path", "data_path", "max_length", "pack_to_max_length", "batch_size",
+         "accumulative_counts", "max_epochs", "lr", "betas", "weight_decay", "max_norm", "warmup_ratio",
+         "save_steps", "save_total_limit", "evaluation_freq", "evaluation_inputs", "SYSTEM", "system",
+         "lora_r", "lora_alpha", "lora_dropout", "seed")
+# Top-level names that only drive XTuner's own machinery
+MACHINERY = {
+    "tokenizer": "tuneforge loads the model's tokenizer itself", "train_dataloader": "read for its dataset",
+    "sampler": "tuneforge shuffles per epoch from seed", "dataloader_num_workers": "not needed",
+    "env_cfg": "XTuner runtime", "visualizer": "XTuner runtime", "log_level": "XTuner runtime",
+    "load_from": "use --resume", "resume": "use --resume", "log_processor": "XTuner runtime",
+    "train_cfg": "read for max_epochs/max_iters", "optim_wrapper": "read for the optimizer",
+    "param_scheduler": "read for warmup", "custom_hooks": "read for evaluation",
+    "default_hooks": "read for checkpoints", "randomness": "read for seed", "model": "read for LoRA/QLoRA",
+    "sequence_parallel_size": "1 is the only value tuneforge runs",
+}
+MAP_FNS = {"alpaca_map_fn": "alpaca", "alpaca_zh_map_fn": "alpaca", "openai_map_fn": "messages",
+           "default_map_fn": "alpaca"}
+TEMPLATES = {"internlm2_chat", "qwen_chat", "llama3_chat", "chatml", "default"}
+OPTIMIZERS = {"AdamW": "AdamW", "AdamW8bit": "AdamW8bit", "PagedAdamW8bit": "AdamW8bit"}
+
+
+def _type_name(d: Any) -> str:
+    t = d.get("type") if isinstance(d, dict) else None
+    if isinstance(t, Ref):
+        return t.last
+    if isinstance(t, Call) and isinstance(t.func, Ref):
+        return t.func.last
+    return ""
+
+
+def _walk_dicts(value: Any) -> list[dict]:
+    out = []
+    if isinstance(value, dict):
+        out.append(value)
+        for v in value.values():
+            out += _walk_dicts(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            out += _walk_dicts(v)
+    return out
+
+
+def _template(value: Any, report: Report, key: str) -> str | None:
+    if isinstance(value, Ref) and "PROMPT_TEMPLATE" in value.path:
+        if value.last in TEMPLATES:
+            return value.last
+        report.ignored[key] = f"PROMPT_TEMPLATE.{value.last} is not shipped; the tokenizer's own chat template is used"
+        return None
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Report]:
+    report = Report()
+    out: dict[str, Any] = {}
+
+    def take(key: str, value: Any) -> None:
+        if isinstance(value, Ref | Call | Unknown):
+            report.ignored[key] = f"{_short(value)} is not a plain value"
+            return
+        out[key] = value
+        report.taken[key] = value
+
+    for key in PLAIN:
+        if key in env:
+            take(key, env[key])
+    if isinstance(env.get("SYSTEM"), Ref):
+        report.ignored["SYSTEM"] = f"{env['SYSTEM'].path.split('.', 2)[-1]} is XTuner's text; set SYSTEM to the text itself"
+    if "prompt_template" in env:
+        name = _template(env["prompt_template"], report, "prompt_template")
+        if name:
+            take("prompt_template", name)
+    if "optim_type" in env:
+        kind = env["optim_type"]
+        name = kind.last if isinstance(kind, Ref) else kind if isinstance(kind, str) else _short(kind)
+        if name not in OPTIMIZERS:
+            raise UserError(f"{path}: optim_type = {name}: tuneforge trains with AdamW or AdamW8bit; "
+                            "set optim_type = AdamW")
+        take("optim_type", OPTIMIZERS[name])
+    sp = env.get("sequence_parallel_size", 1)
+    if sp not in (1, None):
+        raise UserError(f"{path}: sequence_parallel_size = {sp}: sequence parallelism is not supported; "
+                        "set it to 1 (several GPUs train data parallel with NPROC_PER_NODE)")
+
+    # model = dict(type=SupervisedFinetune, llm=dict(... quantization_config=...), lora=dict(...))
+    model = env.get("model") if isinstance(env.get("model"), dict) else {}
+    llm = model.get("llm") if isinstance(model.get("llm"), dict) else {}
+    if "pretrained_model_name_or_path" in llm:
+        take("pretrained_model_name_or_path", llm["pretrained_model_name_or_path"])
+    if "trust_remote_code" in llm:
+        take("trust_remote_code", llm["trust_remote_code"])
+    quant = llm.get("quantization_config")
+    lora = model.get("lora")
+    if isinstance(quant, dict) and quant.get("load_in_8bit"):
+        raise UserError(f"{path}: quantization_config load_in_8bit: tuneforge trains 4-bit QLoRA; "
+                        "use load_in_4bit=True")
+    four_bit = isinstance(quant, dict) and quant.get("load_in_4bit")
+    if isinstance(lora, dict):
+        take("method", "qlora" if four_bit else "lora")
+        for src, dst in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
+                         ("target_modules", "lora_target_modules")):
+            if src in lora:
+                take(dst, lora[src])
+    elif model:
+        take("method", "full")
+    if four_bit:
+        for key in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant"):
+            if key in quant:
+                take(key, quant[key])
+    if "torch_dtype" in llm:
+        report.ignored["torch_dtype"] = "tuneforge picks bf16 where the GPU has it (fp32 master weights on CPU)"
+
+    # the dataset: dict(type=process_hf_dataset, dataset=dict(type=load_dataset, ...), ...)
+    datasets = [d for d in _walk_dicts(env.get("train_dataloader", {})) if _type_name(d) == "process_hf_dataset"]
+    datasets = datasets or [d for v in env.values() for d in _walk_dicts(v) if _type_name(d) == "process_hf_dataset"]
+    if datasets:
+        ds = datasets[0]
+        inner = ds.get("dataset") if isinstance(ds.get("dataset"), dict) else {}
+        files = inner.get("data_files")
+        if files is None and isinstance(inner.get("path"), str) and inner.get("path") not in ("json", "csv", "parquet"):
+            files = inner["path"]  # a hub dataset name, or a local path
+        if files is not None:
+            take("data_files", list(files.values())[0] if isinstance(files, dict) and len(files) == 1 else files)
+            for alias in ("alpaca_en_path", "data_path"):
+                if alias in out and out[alias] != out.get("data_files"):
+                    del out[alias], report.taken[alias]
+                    report.ignored[alias] = "the dataset's data_files are used"
+        map_fn = ds.get("dataset_map_fn")
+        if isinstance(map_fn, Ref):
+            if map_fn.last not in MAP_FNS:
+                raise UserError(f"{path}: dataset_map_fn={map_fn.last}: tuneforge reads alpaca, XTuner "
+                                "conversation, OpenAI messages and ShareGPT records directly; convert the data "
+                                f"to one of them, or use one of: {', '.join(sorted(MAP_FNS))} or None")
+            take("data_format", MAP_FNS[map_fn.last])
+        elif map_fn is None and "dataset_map_fn" in ds:
+            take("data_format", "auto")
+        tmpl = ds.get("template_map_fn")
+        if isinstance(tmpl, dict) and "template" in tmpl:
+            name = _template(tmpl["template"], report, "template_map_fn.template")
+            if name:
+                take("prompt_template", name)
+        for key in ("max_length", "pack_to_max_length"):
+            if key in ds:
+                take(key, ds[key])
+        if ds.get("shuffle_before_pack") is False:
+            report.ignored["shuffle_before_pack"] = "tuneforge packs longest-first and shuffles rows per epoch"
+
+    # optimizer, clipping, accumulation
+    wrapper = env.get("optim_wrapper") if isinstance(env.get("optim_wrapper"), dict) else {}
+    opt = wrapper.get("optimizer") if isinstance(wrapper.get("optimizer"), dict) else {}
+    for key in ("lr", "betas", "weight_decay"):
+        if key in opt:
+            take(key, opt[key])
+    if isinstance(opt.get("type"), Ref) and opt["type"].last in OPTIMIZERS:
+        take("optim_type", OPTIMIZERS[opt["type"].last])
+    clip = wrapper.get("clip_grad")
+    if isinstance(clip, dict) and "max_norm" in clip:
+        take("max_norm", clip["max_norm"])
+    if "accumulative_counts" in wrapper:
+        take("accumulative_counts", wrapper["accumulative_counts"])
+    if "dtype" in wrapper or "loss_scale" in wrapper:
+        report.ignored["optim_wrapper.dtype/loss_scale"] = "bf16 needs no loss scaling"
+
+    # schedule: LinearLR warmup over `end` epochs (or iterations), then cosine
+    epochs = out.get("max_epochs")
+    train_cfg = env.get("train_cfg") if isinstance(env.get("train_cfg"), dict) else {}
+    if "max_epochs" in train_cfg:
+        take("max_epochs", train_cfg["max_epochs"])
+        epochs = train_cfg["max_epochs"]
+    if "max_iters" in train_cfg:
+        take("max_steps", train_cfg["max_iters"])
+    for sched in env.get("param_scheduler") or []:
+        if not isinstance(sched, dict):
+            continue
+        if _type_name(sched) == "LinearLR" and isinstance(sched.get("end"), int | float):
+            if sched.get("by_epoch", True) and epochs:
+                take("warmup_ratio", round(sched["end"] / epochs, 6))
+            else:
+                report.ignored["param_scheduler.LinearLR"] = "warmup given in iterations; set warmup_ratio"
+        elif _type_name(sched) == "CosineAnnealingLR" and sched.get("eta_min", 0):
+            report.ignored["CosineAnnealingLR.eta_min"] = "tuneforge decays to 0"
+
+    # evaluation and checkpoint hooks
+    for hook in env.get("custom_hooks") or []:
+        if isinstance(hook, dict) and _type_name(hook) == "EvaluateChatHook":
+            for src, dst in (("every_n_iters", "evaluation_freq"), ("evaluation_inputs", "evaluation_inputs"),
+                             ("system", "SYSTEM")):
+                if src in hook and not isinstance(hook[src], Ref):
+                    take(dst, hook[src])
+    hooks = env.get("default_hooks") if isinstance(env.get("default_hooks"), dict) else {}
+    ckpt = hooks.get("checkpoint") if isinstance(hooks.get("checkpoint"), dict) else {}
+    if "interval" in ckpt:
+        take("save_steps", ckpt["interval"])
+    if "max_keep_ckpts" in ckpt:
+        take("save_total_limit", ckpt["max_keep_ckpts"])
+    randomness = env.get("randomness") if isinstance(env.get("randomness"), dict) else {}
+    if isinstance(randomness.get("seed"), int):
+        take("seed", randomness["seed"])
+
+    for key, value in env.items():
+        if key in out or key in report.ignored or key in PLAIN or isinstance(value, Ref) \
+                or key in ("prompt_template", "optim_type") or _type_name(value):
+            continue  # taken, imported, or a typed dict read above (the dataset, the model...)
+        reason = MACHINERY.get(key, "not a tuneforge setting")
+        if not reason.startswith("read for"):
+            report.ignored[key] = reason
+    return out, report
+
+
+def read_xtuner_config(path: Path) -> tuple[dict[str, Any], Report]:
+    source = path.read_text(encoding="utf-8")
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid Python in config: {err.msg}") from err
+    env = _Evaluator(source).run(tree)
+    return map_settings(env, path)

@@ -1,0 +1,259 @@
+"""An XTuner 0.x config, as a tutorial user holds it, is read without xtuner or mmengine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tuneforge.config import load_config
+from tuneforge.config.xtuner import is_xtuner_config, read_xtuner_config
+from tuneforge.errors import UserError
+
+# The tutorial's internlm2_chat_1_8b_qlora_alpaca_e3_copy.py after its edits (model path,
+# data_files, evaluation_inputs), trimmed of comments.
+XTUNER_CONFIG = '''
+import torch
+from datasets import load_dataset
+from mmengine.dataset import DefaultSampler
+from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook,
+                            LoggerHook, ParamSchedulerHook)
+from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from peft import LoraConfig
+from torch.optim import AdamW
+from transformers import (AutoModelForCausalLM, AutoTokenizer,
+                          BitsAndBytesConfig)
+
+from xtuner.dataset import process_hf_dataset
+from xtuner.dataset.collate_fns import default_collate_fn
+from xtuner.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
+from xtuner.engine.hooks import (DatasetInfoHook, EvaluateChatHook,
+                                 VarlenAttnArgsToMessageHubHook)
+from xtuner.engine.runner import TrainLoop
+from xtuner.model import SupervisedFinetune
+from xtuner.parallel.sequence import SequenceParallelSampler
+from xtuner.utils import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Model
+pretrained_model_name_or_path = MODEL
+use_varlen_attn = False
+
+# Data
+alpaca_en_path = DATA
+prompt_template = PROMPT_TEMPLATE.internlm2_chat
+max_length = 256
+pack_to_max_length = True
+
+# parallel
+sequence_parallel_size = 1
+
+# Scheduler & Optimizer
+batch_size = 1  # per_device
+accumulative_counts = 2
+accumulative_counts *= sequence_parallel_size
+dataloader_num_workers = 0
+max_epochs = 3
+optim_type = AdamW
+lr = 2e-4
+betas = (0.9, 0.999)
+weight_decay = 0
+max_norm = 1  # grad clip
+warmup_ratio = 0.03
+
+# Save
+save_steps = 300
+save_total_limit = 3  # Maximum checkpoints to keep (-1 means unlimited)
+
+# Evaluate the generation performance during the training
+evaluation_freq = 300
+SYSTEM = SYSTEM_TEMPLATE.alpaca
+evaluation_inputs = ['请介绍一下你自己', 'Please introduce yourself']
+
+#######################################################################
+#                      PART 2  Model & Tokenizer                      #
+#######################################################################
+tokenizer = dict(
+    type=AutoTokenizer.from_pretrained,
+    pretrained_model_name_or_path=pretrained_model_name_or_path,
+    trust_remote_code=True,
+    padding_side='right')
+
+model = dict(
+    type=SupervisedFinetune,
+    use_varlen_attn=use_varlen_attn,
+    llm=dict(
+        type=AutoModelForCausalLM.from_pretrained,
+        pretrained_model_name_or_path=pretrained_model_name_or_path,
+        trust_remote_code=True,
+        torch_dtype=torch.float16,
+        quantization_config=dict(
+            type=BitsAndBytesConfig,
+            load_in_4bit=True,
+            load_in_8bit=False,
+            llm_int8_threshold=6.0,
+            llm_int8_has_fp16_weight=False,
+            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type='nf4')),
+    lora=dict(
+        type=LoraConfig,
+        r=64,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        bias='none',
+        task_type='CAUSAL_LM'))
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+alpaca_en = dict(
+    type=process_hf_dataset,
+    dataset=dict(type=load_dataset, path='json', data_files=dict(train=alpaca_en_path)),
+    tokenizer=tokenizer,
+    max_length=max_length,
+    dataset_map_fn=None,
+    template_map_fn=dict(
+        type=template_map_fn_factory, template=prompt_template),
+    remove_unused_columns=True,
+    shuffle_before_pack=True,
+    pack_to_max_length=pack_to_max_length,
+    use_varlen_attn=use_varlen_attn)
+
+sampler = SequenceParallelSampler \\
+    if sequence_parallel_size > 1 else DefaultSampler
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=dataloader_num_workers,
+    dataset=alpaca_en,
+    sampler=dict(type=sampler, shuffle=True),
+    collate_fn=dict(type=default_collate_fn, use_varlen_attn=use_varlen_attn))
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+optim_wrapper = dict(
+    type=AmpOptimWrapper,
+    optimizer=dict(
+        type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,
+    loss_scale='dynamic',
+    dtype='float16')
+
+param_scheduler = [
+    dict(
+        type=LinearLR,
+        start_factor=1e-5,
+        by_epoch=True,
+        begin=0,
+        end=warmup_ratio * max_epochs,
+        convert_to_iter_based=True),
+    dict(
+        type=CosineAnnealingLR,
+        eta_min=0.0,
+        by_epoch=True,
+        begin=warmup_ratio * max_epochs,
+        end=max_epochs,
+        convert_to_iter_based=True)
+]
+
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+custom_hooks = [
+    dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    dict(
+        type=EvaluateChatHook,
+        tokenizer=tokenizer,
+        every_n_iters=evaluation_freq,
+        evaluation_inputs=evaluation_inputs,
+        system=SYSTEM,
+        prompt_template=prompt_template)
+]
+
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=10),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(
+        type=CheckpointHook,
+        by_epoch=False,
+        interval=save_steps,
+        max_keep_ckpts=save_total_limit),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'),
+)
+
+visualizer = None
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=None, deterministic=False)
+log_processor = dict(by_epoch=False)
+'''
+
+
+def _write(tmp_path, model, data, text=XTUNER_CONFIG):
+    path = tmp_path / "internlm2_chat_1_8b_qlora_alpaca_e3_copy.py"
+    path.write_text(text.replace("MODEL", repr(str(model))).replace("DATA", repr(str(data))))
+    return path
+
+
+def test_the_settings_xtuner_would_use_are_taken(tmp_path, identity_data):
+    path = _write(tmp_path, "/models/internlm2-chat-1_8b", identity_data)
+    assert is_xtuner_config(path.read_text())
+    settings, report = read_xtuner_config(path)
+    assert settings["method"] == "qlora" and settings["lora_r"] == 64 and settings["lora_alpha"] == 16
+    assert settings["lora_dropout"] == 0.1 and settings["bnb_4bit_quant_type"] == "nf4"
+    assert settings["data_files"] == str(identity_data) and settings["data_format"] == "auto"
+    assert settings["prompt_template"] == "internlm2_chat" and settings["max_length"] == 256
+    assert settings["accumulative_counts"] == 2 and settings["lr"] == 2e-4 and settings["max_norm"] == 1
+    assert settings["warmup_ratio"] == pytest.approx(0.03) and settings["max_epochs"] == 3
+    assert settings["save_steps"] == 300 and settings["save_total_limit"] == 3
+    assert settings["evaluation_inputs"] == ["请介绍一下你自己", "Please introduce yourself"]
+    assert "SYSTEM" in report.ignored and "torch_dtype" in report.ignored and "env_cfg" in report.ignored
+    cfg = load_config(path)
+    assert cfg.method == "qlora" and cfg.data_files == str(identity_data)
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (("dataset_map_fn=None", "dataset_map_fn=oasst1_map_fn"), "dataset_map_fn=oasst1_map_fn"),
+    (("sequence_parallel_size = 1", "sequence_parallel_size = 2"), "sequence parallelism is not supported"),
+    (("optim_type = AdamW", "optim_type = SGD"), "AdamW or AdamW8bit"),
+])
+def test_what_cannot_be_mapped_is_refused_clearly(tmp_path, identity_data, edit, needle):
+    text = XTUNER_CONFIG.replace(*edit)
+    text = text.replace("from torch.optim import AdamW", "from torch.optim import SGD, AdamW")
+    if "oasst1" in edit[1]:
+        text = text.replace("import alpaca_map_fn,", "import alpaca_map_fn, oasst1_map_fn,")
+    with pytest.raises(UserError, match=needle):
+        load_config(_write(tmp_path, "m", identity_data, text))
+
+
+@pytest.mark.slow
+def test_an_xtuner_config_trains_the_bundled_model(bundled_path, identity_data, tmp_path):
+    path = _write(tmp_path, bundled_path, identity_data)
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(path), "--work-dir", str(work),
+                           "--no-progress", "--cfg-options", "max_steps=3", "replay_general=False",
+                           "identity_guard=False", "evaluation_inputs=[]"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "XTuner config: took" in proc.stderr and "ignored" in proc.stderr
+    assert (work / "iter_3.pth").is_file()
+    adapter = tmp_path / "adapter"
+    conv = subprocess.run([sys.executable, "-m", "tuneforge", "convert", "pth_to_hf", str(path),
+                           str(work / "iter_3.pth"), str(adapter)], capture_output=True, text=True)
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    assert (adapter / "adapter_config.json").is_file()
