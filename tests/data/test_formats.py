@@ -35,7 +35,11 @@ def test_openai_messages_and_sharegpt():
 @pytest.mark.parametrize("line, expected", [
     ('{"conversation": [{"input": "q", "output": "a"}', "f.jsonl:2: invalid JSON"),
     ('{"conversation": [{"input": {"text": "q"}, "output": "a"}]}',
-     "f.jsonl:2: conversation[0].input: expected a string, got an object"),
+     "f.jsonl:2: conversation[0].input: expected a string, got an object with keys 'text'; "
+     'write the text itself: "input": "q"'),
+    ('{"conversation": [{"input": {"role": "user", "content": "q"}, "output": "a"}]}',
+     "conversation[0].input: expected a string, got an object with keys 'role', 'content'; "
+     'write the text itself as a string: "input": "..."'),
     ('{"conversation": [{"input": "q", "output": "  "}]}', "f.jsonl:2: conversation[0].output: empty answer"),
     ('{"messages": [{"role": "bot", "content": "a"}]}', "f.jsonl:2: messages[0].role: unknown role 'bot'"),
     ('{"question": "q"}', "f.jsonl:2: unknown record format"),
