@@ -17,6 +17,17 @@ def tuneforge(*args: str, cwd: Path | None = None, **kw) -> subprocess.Completed
                           text=True, timeout=600, **kw)
 
 
+def write_config(path: Path, model: Path, data: Path, **settings) -> Path:
+    """A config file for the tiny model: small LoRA, short rows, no replay or guard; SETTINGS
+    add or override."""
+    base = dict(lora_r=4, lora_alpha=8, max_length=128, batch_size=2, replay_general=False,
+                identity_guard=False)
+    lines = [f"pretrained_model_name_or_path = {str(model)!r}", f"data_files = {str(data)!r}"]
+    lines += [f"{k} = {v!r}" for k, v in {**base, **settings}.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode != 0
     err = proc.stderr.strip()
@@ -55,13 +66,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_kill_9_after_a_checkpoint_then_resume_finishes(tiny_model_dir, identity_data, tmp_path):
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(
-        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
-        f"data_files = {str(identity_data)!r}\n"
-        "lora_r = 4\nlora_alpha = 8\nmax_length = 128\nbatch_size = 2\nmax_steps = 150\n"
-        "save_steps = 5\nsave_total_limit = 2\nlora_dropout = 0.1\n"
-        "replay_general = False\nidentity_guard = False\n")
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, max_steps=150, save_steps=5,
+                       save_total_limit=2, lora_dropout=0.1)
     work = tmp_path / "work"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work)],
@@ -103,12 +109,7 @@ def test_bad_data_stops_before_training_and_skip_bad_lines_trains_on_the_rest(ti
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, identity_data, tmp_path):
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(
-        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
-        f"data_files = {str(identity_data)!r}\n"
-        "lora_r = 4\nlora_alpha = 8\nmax_length = 128\nbatch_size = 2\nmax_steps = 400\n"
-        "save_steps = 1000\nreplay_general = False\nidentity_guard = False\n")
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, max_steps=400, save_steps=1000)
     work = tmp_path / "work"
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -148,12 +149,8 @@ save_checkpoint(work, 6, payload, keep=-1)
 
 
 def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_one_before(tiny_model_dir, identity_data, tmp_path):
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(
-        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
-        f"data_files = {str(identity_data)!r}\n"
-        "lora_r = 4\nlora_alpha = 8\nmax_length = 128\nbatch_size = 2\nmax_steps = 4\n"
-        "save_steps = 2\nsave_total_limit = -1\nreplay_general = False\nidentity_guard = False\n")
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, max_steps=4, save_steps=2,
+                       save_total_limit=-1)
     work = tmp_path / "work"
     assert tuneforge("train", str(cfg), "--work-dir", str(work)).returncode == 0
     writer = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(work)], stdout=subprocess.PIPE, text=True)
@@ -164,7 +161,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_one_before
     assert not (work / "iter_6.pth").exists()
     assert Path((work / "last_checkpoint").read_text().strip()).name == "iter_4.pth"
 
-    cfg.write_text(cfg.read_text().replace("max_steps = 4", "max_steps = 6"))
+    write_config(cfg, tiny_model_dir, identity_data, max_steps=6, save_steps=2, save_total_limit=-1)
     resumed = tuneforge("train", str(cfg), "--work-dir", str(work), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 4" in resumed.stderr + resumed.stdout
@@ -172,11 +169,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_one_before
 
 
 def test_a_work_dir_without_room_is_refused_before_training(tiny_model_dir, identity_data, tmp_path):
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(
-        f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
-        f"data_files = {str(identity_data)!r}\n"
-        "method = 'full'\nmax_steps = 2\nreplay_general = False\nidentity_guard = False\n")
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, method="full", max_steps=2)
     # a 1 MiB filesystem: the tiny model's full checkpoints (params + AdamW) do not fit
     mount = tmp_path / "small"
     mount.mkdir()

@@ -175,6 +175,12 @@ def _type_name(d: Any) -> str:
     return ""
 
 
+def _sub(d: Any, key: str) -> dict:
+    """D[KEY] when it is a dict, else {} (configs leave out what they do not use)."""
+    value = d.get(key) if isinstance(d, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def _walk_dicts(value: Any) -> list[dict]:
     out = []
     if isinstance(value, dict):
@@ -209,6 +215,12 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
         out[key] = value
         report.taken[key] = value
 
+    def take_from(d: dict, names: dict[str, str]) -> None:
+        """Take d[src] as tuneforge's dst for each src -> dst that D sets."""
+        for src, dst in names.items():
+            if src in d:
+                take(dst, d[src])
+
     for key in PLAIN:
         if key in env:
             take(key, env[key])
@@ -231,12 +243,10 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
                         "set it to 1 (several GPUs train data parallel with NPROC_PER_NODE)")
 
     # model = dict(type=SupervisedFinetune, llm=dict(... quantization_config=...), lora=dict(...))
-    model = env.get("model") if isinstance(env.get("model"), dict) else {}
-    llm = model.get("llm") if isinstance(model.get("llm"), dict) else {}
-    if "pretrained_model_name_or_path" in llm:
-        take("pretrained_model_name_or_path", llm["pretrained_model_name_or_path"])
-    if "trust_remote_code" in llm:
-        take("trust_remote_code", llm["trust_remote_code"])
+    model = _sub(env, "model")
+    llm = _sub(model, "llm")
+    take_from(llm, {"pretrained_model_name_or_path": "pretrained_model_name_or_path",
+                    "trust_remote_code": "trust_remote_code"})
     quant = llm.get("quantization_config")
     lora = model.get("lora")
     if isinstance(quant, dict) and quant.get("load_in_8bit"):
@@ -245,16 +255,13 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
     four_bit = isinstance(quant, dict) and quant.get("load_in_4bit")
     if isinstance(lora, dict):
         take("method", "qlora" if four_bit else "lora")
-        for src, dst in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
-                         ("target_modules", "lora_target_modules")):
-            if src in lora:
-                take(dst, lora[src])
+        take_from(lora, {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                         "target_modules": "lora_target_modules"})
     elif model:
         take("method", "full")
     if four_bit:
-        for key in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant"):
-            if key in quant:
-                take(key, quant[key])
+        take_from(quant, {"bnb_4bit_quant_type": "bnb_4bit_quant_type",
+                          "bnb_4bit_use_double_quant": "bnb_4bit_use_double_quant"})
     if "torch_dtype" in llm:
         report.ignored["torch_dtype"] = "tuneforge picks bf16 where the GPU has it (fp32 master weights on CPU)"
 
@@ -263,7 +270,7 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
     datasets = datasets or [d for v in env.values() for d in _walk_dicts(v) if _type_name(d) == "process_hf_dataset"]
     if datasets:
         ds = datasets[0]
-        inner = ds.get("dataset") if isinstance(ds.get("dataset"), dict) else {}
+        inner = _sub(ds, "dataset")
         files = inner.get("data_files")
         if files is None and isinstance(inner.get("path"), str) and inner.get("path") not in ("json", "csv", "parquet"):
             files = inner["path"]  # a hub dataset name, or a local path
@@ -287,36 +294,26 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
             name = _template(tmpl["template"], report, "template_map_fn.template")
             if name:
                 take("prompt_template", name)
-        for key in ("max_length", "pack_to_max_length"):
-            if key in ds:
-                take(key, ds[key])
+        take_from(ds, {"max_length": "max_length", "pack_to_max_length": "pack_to_max_length"})
         if ds.get("shuffle_before_pack") is False:
             report.ignored["shuffle_before_pack"] = "tuneforge packs longest-first and shuffles rows per epoch"
 
     # optimizer, clipping, accumulation
-    wrapper = env.get("optim_wrapper") if isinstance(env.get("optim_wrapper"), dict) else {}
-    opt = wrapper.get("optimizer") if isinstance(wrapper.get("optimizer"), dict) else {}
-    for key in ("lr", "betas", "weight_decay"):
-        if key in opt:
-            take(key, opt[key])
+    wrapper = _sub(env, "optim_wrapper")
+    opt = _sub(wrapper, "optimizer")
+    take_from(opt, {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"})
     if isinstance(opt.get("type"), Ref) and opt["type"].last in OPTIMIZERS:
         take("optim_type", OPTIMIZERS[opt["type"].last])
-    clip = wrapper.get("clip_grad")
-    if isinstance(clip, dict) and "max_norm" in clip:
-        take("max_norm", clip["max_norm"])
-    if "accumulative_counts" in wrapper:
-        take("accumulative_counts", wrapper["accumulative_counts"])
+    take_from(_sub(wrapper, "clip_grad"), {"max_norm": "max_norm"})
+    take_from(wrapper, {"accumulative_counts": "accumulative_counts"})
     if "dtype" in wrapper or "loss_scale" in wrapper:
         report.ignored["optim_wrapper.dtype/loss_scale"] = "bf16 needs no loss scaling"
 
     # schedule: LinearLR warmup over `end` epochs (or iterations), then cosine
     epochs = out.get("max_epochs")
-    train_cfg = env.get("train_cfg") if isinstance(env.get("train_cfg"), dict) else {}
-    if "max_epochs" in train_cfg:
-        take("max_epochs", train_cfg["max_epochs"])
-        epochs = train_cfg["max_epochs"]
-    if "max_iters" in train_cfg:
-        take("max_steps", train_cfg["max_iters"])
+    train_cfg = _sub(env, "train_cfg")
+    take_from(train_cfg, {"max_epochs": "max_epochs", "max_iters": "max_steps"})
+    epochs = train_cfg.get("max_epochs", epochs)
     for sched in env.get("param_scheduler") or []:
         if not isinstance(sched, dict):
             continue
@@ -331,19 +328,14 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
     # evaluation and checkpoint hooks
     for hook in env.get("custom_hooks") or []:
         if isinstance(hook, dict) and _type_name(hook) == "EvaluateChatHook":
-            for src, dst in (("every_n_iters", "evaluation_freq"), ("evaluation_inputs", "evaluation_inputs"),
-                             ("system", "SYSTEM")):
-                if src in hook and not isinstance(hook[src], Ref):
-                    take(dst, hook[src])
-    hooks = env.get("default_hooks") if isinstance(env.get("default_hooks"), dict) else {}
-    ckpt = hooks.get("checkpoint") if isinstance(hooks.get("checkpoint"), dict) else {}
-    if "interval" in ckpt:
-        take("save_steps", ckpt["interval"])
-    if "max_keep_ckpts" in ckpt:
-        take("save_total_limit", ckpt["max_keep_ckpts"])
-    randomness = env.get("randomness") if isinstance(env.get("randomness"), dict) else {}
-    if isinstance(randomness.get("seed"), int):
-        take("seed", randomness["seed"])
+            plain = {k: v for k, v in hook.items() if not isinstance(v, Ref)}  # SYSTEM_TEMPLATE.x: see above
+            take_from(plain, {"every_n_iters": "evaluation_freq", "evaluation_inputs": "evaluation_inputs",
+                              "system": "SYSTEM"})
+    take_from(_sub(_sub(env, "default_hooks"), "checkpoint"),
+              {"interval": "save_steps", "max_keep_ckpts": "save_total_limit"})
+    seed = _sub(env, "randomness").get("seed")
+    if isinstance(seed, int):
+        take("seed", seed)
 
     for key, value in env.items():
         if key in out or key in report.ignored or key in PLAIN or isinstance(value, Ref) \
