@@ -67,7 +67,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             return
     from tuneforge.train.loop import train
 
-    train(cfg, work_dir, resume=args.resume, deepspeed=args.deepspeed, progress=not args.no_progress)
+    train(cfg, work_dir, resume=args.resume, deepspeed=args.deepspeed, progress=not args.no_progress,
+          fsdp=args.fsdp)
 
 
 def cmd_pth_to_hf(args: argparse.Namespace) -> None:
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed data lines instead of stopping")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--fsdp", action="store_true",
+                   help="with several ranks: shard weights, gradients and optimizer state (PyTorch FSDP2)")
     s.add_argument("--launcher", choices=["none", "slurm"], default="none",
                    help="slurm: this process is one task started by srun (NPROC_PER_NODE is for torchrun)")
     s.set_defaults(func=cmd_train)

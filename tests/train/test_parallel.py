@@ -42,8 +42,9 @@ def _train(cfg: Path, work: Path, nproc: int, *extra: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process_and_resume_on_one(bundled_path, identity_data, tmp_path):
-    two = _train(_config(tmp_path, bundled_path, identity_data, 1), tmp_path / "two", 2)
+@pytest.mark.parametrize("engine", [[], ["--fsdp"]], ids=["data-parallel", "fsdp2"])
+def test_two_ranks_match_one_process_and_resume_on_one(bundled_path, identity_data, tmp_path, engine):
+    two = _train(_config(tmp_path, bundled_path, identity_data, 1), tmp_path / "two", 2, *engine)
     one = _train(_config(tmp_path, bundled_path, identity_data, 2), tmp_path / "one", 1)
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 11))
     assert one[-1]["loss"] < one[0]["loss"]
@@ -60,6 +61,15 @@ def test_two_ranks_match_one_process_and_resume_on_one(bundled_path, identity_da
                    "--resume", str(resumed / "iter_5.pth"))
     assert [r["step"] for r in after] == list(range(6, 11))
     for a, b in zip(after, two[5:], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+
+    # and the other way: the one-process checkpoint goes on with 2 ranks
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "iter_5.pth").write_bytes((tmp_path / "one" / "iter_5.pth").read_bytes())
+    after = _train(_config(tmp_path, bundled_path, identity_data, 1), again, 2, *engine,
+                   "--resume", str(again / "iter_5.pth"))
+    for a, b in zip(after, one[5:], strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
 
 

@@ -201,9 +201,10 @@ def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype 
 
 
 def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: FastPath | None,
-                     device: torch.device, amp: torch.dtype | None, n_labels: int) -> float:
-    """Accumulate the gradient of one optimizer step's micro-batches; returns the mean loss per
-    labelled token."""
+                     device: torch.device, amp: torch.dtype | None, n_labels: int,
+                     scale: float = 1.0) -> float:
+    """Accumulate the gradient of one optimizer step's micro-batches (of SCALE times the loss);
+    returns the mean loss per labelled token."""
     total = 0.0
     for b in batches:
         if fast is not None and fast.varlen:
@@ -211,9 +212,19 @@ def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: F
         b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = loss_sum(model, b, fast) / max(1, n_labels)
-        loss.backward()
+        (loss * scale if scale != 1 else loss).backward()
         total += loss.item()
     return total
+
+
+def _check_resumable(ckpt: dict[str, Any], model: Any, cfg: Config) -> None:
+    missing = set(trainable_parameters(model)) - set(ckpt["state_dict"])
+    if missing or ckpt["method"] != cfg.method:
+        raise UserError(
+            f"--resume: the checkpoint was written by a {ckpt['method']} run that does not match "
+            f"this config ({cfg.method}, {len(missing)} trainable tensors missing); resume with "
+            "the config it was trained with"
+        )
 
 
 def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, step: int,
@@ -224,8 +235,8 @@ def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, 
         peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
     return {
         "step": step,
-        "state_dict": {n: p.detach().cpu().clone() for n, p in trainable_parameters(model).items()},
-        "optimizer": optimizer.state_dict(),
+        "state_dict": {n: parallel.full(p.detach()).cpu().clone() for n, p in trainable_parameters(model).items()},
+        "optimizer": parallel.full_optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "config": cfg.model_dump(mode="json"),
@@ -277,18 +288,18 @@ def _warn_few_steps(rows: TrainRows, cfg: Config, world: int = 1, say: Any = say
 
 
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
-          deepspeed: str | None = None, progress: bool = True) -> Path:
+          deepspeed: str | None = None, progress: bool = True, fsdp: bool = False) -> Path:
     """Run training as CFG says; returns the last checkpoint written. Under torchrun, every
     rank calls this; rank 0 alone logs, evaluates and saves."""
     ranks = parallel.init()
     try:
-        return _train(cfg, work_dir, ranks, resume, deepspeed, progress)
+        return _train(cfg, work_dir, ranks, resume, deepspeed, progress, fsdp and ranks.world > 1)
     finally:
         parallel.shutdown(ranks)
 
 
 def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | bool | None,
-           deepspeed: str | None, progress: bool) -> Path:
+           deepspeed: str | None, progress: bool, fsdp: bool) -> Path:
     started = time.time()
     if ranks.main:
         _note_deepspeed(deepspeed, ranks)
@@ -332,36 +343,43 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         if ranks.main:
             parallel.barrier(ranks)
     _warn_few_steps(rows, cfg, ranks.world, say)
+    if fsdp and cfg.method == "qlora":
+        raise UserError("--fsdp with method='qlora': 4-bit weights cannot be sharded yet; train "
+                        "QLoRA without --fsdp (data parallel), or use method='lora'")
     model, fast = prepare_for_training(model, cfg)
+    if fsdp and fast:
+        # The chunked head and the memory probe call the decoder directly, past FSDP's root hooks.
+        fast.linear_ce = False
     if fast:
         say(fast.describe())
+    if ckpt is not None:  # weights first, while they are whole; the optimizer state below
+        _check_resumable(ckpt, model, cfg)
+        model.load_state_dict(ckpt["state_dict"], strict=False)
+    if fsdp:
+        layers = recompute.decoder_layers(model)
+        recompute.apply(layers, len(layers) if cfg.gradient_checkpointing else 0)
+        parallel.shard(model, layers, ranks)
     params = list(trainable_parameters(model).values())
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
     say(f"model: {model_path} on {device} ({dtype}{', bf16 autocast' if amp else ''}), {cfg.method}, "
         f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable"
-        + (f"; {ranks.world} ranks, data parallel" if ranks.world > 1 else ""))
+        + (f"; {ranks.world} ranks, " + ("FSDP2 (weights sharded)" if fsdp else "data parallel")
+           if ranks.world > 1 else ""))
 
     steps = total_steps(len(rows), cfg, ranks.world)
     if ranks.main:
         check_space(work_dir, checkpoint_bytes(params), cfg.save_total_limit)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
-    plan = plan_memory(model, cfg, device, amp)
+    plan = None if fsdp else plan_memory(model, cfg, device, amp)
     if plan:
         say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
                                "; that is over budget: lower max_length or use qlora"))
     start = 0
     if ckpt is not None:
-        missing = set(trainable_parameters(model)) - set(ckpt["state_dict"])
-        if missing or ckpt["method"] != cfg.method:
-            raise UserError(
-                f"--resume: the checkpoint was written by a {ckpt['method']} run that does not match "
-                f"this config ({cfg.method}, {len(missing)} trainable tensors missing); resume with "
-                "the config it was trained with"
-            )
-        model.load_state_dict(ckpt["state_dict"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(parallel.sharded_optimizer_state(ckpt["optimizer"], params)
+                                  if fsdp else ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
@@ -371,7 +389,8 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             say(f"warning: the checkpoint trained {before} micro-batches per step (ranks x "
                 f"accumulative_counts), this run {ranks.world * cfg.accumulative_counts}; the data "
                 "order and the loss scale change from here on")
-    parallel.broadcast_parameters(params, ranks)
+    if not fsdp:
+        parallel.broadcast_parameters(params, ranks)
 
     log = JsonlLog(work_dir / "train_log.jsonl") if ranks.main else _NoLog()
     eval_file = work_dir / "eval_outputs.txt"
@@ -380,7 +399,8 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
 
     def run_eval(step: int) -> None:
         guard = GUARD_GENERAL + GUARD_IDENTITY if cfg.identity_guard else []
-        if not cfg.evaluation_inputs and not guard or not ranks.main:
+        # Under FSDP every forward is a collective: rank 0 cannot generate alone.
+        if not cfg.evaluation_inputs and not guard or not ranks.main or fsdp:
             return
         answers = evaluate(model, tokenizer, template, cfg.evaluation_inputs + guard, cfg.SYSTEM,
                            cfg.evaluation_max_new_tokens)
@@ -419,10 +439,13 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             every_rank = micro_batches(rows, cfg, step, ranks.world)
             n_labels = sum(labelled(b) for b in every_rank)  # the loss is a mean over all ranks' tokens
             batches = [collate(b, tokenizer.pad_token_id) for b in every_rank[ranks.rank::ranks.world]]
-            total = forward_backward(model, batches, fast, device, amp, n_labels)
-            parallel.sum_gradients(params, ranks)
+            # FSDP averages gradients over ranks; each rank's loss is its part of the sum
+            total = forward_backward(model, batches, fast, device, amp, n_labels,
+                                     scale=ranks.world if fsdp else 1)
+            if not fsdp:
+                parallel.sum_gradients(params, ranks)
             total = parallel.total(total, ranks)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm).item()
+            grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)).item()
             done = step + 1
             if math.isfinite(total) and math.isfinite(grad_norm):
                 bad_in_a_row = 0
@@ -457,8 +480,9 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             stopping = parallel.anyone(stop.requested is not None, ranks)
             if done % cfg.save_steps == 0 or done == steps or stopping:
                 last = work_dir / f"iter_{done}.pth"
+                payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template) \
+                    if ranks.main or fsdp else None  # FSDP: gathering the shards takes every rank
                 if ranks.main:
-                    payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template)
                     payload["world_size"] = ranks.world
                     last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
                     say(f"saved {last}")

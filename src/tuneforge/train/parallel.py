@@ -94,3 +94,46 @@ def shutdown(ranks: Ranks) -> None:
 
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- FSDP2: weights sharded too
+
+def shard(model: torch.nn.Module, layers: list[torch.nn.Module], ranks: Ranks) -> None:
+    """PyTorch FSDP2: each decoder layer is one unit (gathered for its forward and backward,
+    sharded again after), the rest (embeddings, final norm, head) is the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (ranks.world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every rank must call it), or T itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded tensor gathered whole: the one-process format,
+    so that the checkpoint resumes on any number of ranks."""
+    sd = optimizer.state_dict()
+    return {"state": {i: {k: full(v).cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                      for i, st in sd["state"].items()},
+            "param_groups": sd["param_groups"]}
+
+
+def sharded_optimizer_state(sd: dict, params: list[torch.nn.Parameter]) -> dict:
+    """A one-process optimizer state with each per-parameter tensor cut to this rank's shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {}
+        for k, v in st.items():
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape:
+                v = distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+            state[i][k] = v
+    return {"state": state, "param_groups": sd["param_groups"]}
