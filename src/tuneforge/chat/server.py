@@ -144,15 +144,21 @@ def _finish(reply: Reply) -> str:
     return "stop" if reply.finished or reply.completion_tokens == 0 else "length"
 
 
+class _Server(ThreadingHTTPServer):
+    # The listen backlog: http.server's default of 5 refuses connections when a burst of
+    # clients (32 at once, in the load test) arrives faster than they are accepted.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 def make_server(served: Served, host: str, port: int) -> ThreadingHTTPServer:
     """The server, bound and ready for ``serve_forever`` (port 0: any free port)."""
     try:
-        httpd = ThreadingHTTPServer((host, port), make_handler(served))
+        httpd = _Server((host, port), make_handler(served))
     except OSError as err:
         from tuneforge.errors import UserError
 
         raise UserError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port") from None
-    httpd.daemon_threads = True
     return httpd
 
 
