@@ -18,22 +18,15 @@ def load_for_chat(model: str, adapter: str | None, device: str = "auto",
     whose template applies."""
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.models.load import load_tokenizer, pick_device
+    from tuneforge.models.load import device_map, load_tokenizer, pick_device, quantization_config
     from tuneforge.models.resolve import resolve_model
 
     path = resolve_model(model)
     dev = pick_device(device)
     if bits:
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError as err:
-            raise UserError(f"--bits {bits} needs bitsandbytes: pip install bitsandbytes") from err
-        quant = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8,
-                                   bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-                                   if dev.type == "cuda" else torch.float32)
-        llm = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
-                                                   device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
+        quant = quantization_config(bits, torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                                    f"--bits {bits}", double_quant=False)
+        llm = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map=device_map(dev))
     else:
         llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(dev)
     template_dir = path

@@ -230,13 +230,15 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
         name = _template(env["prompt_template"], report, "prompt_template")
         if name:
             take("prompt_template", name)
-    if "optim_type" in env:
-        kind = env["optim_type"]
+    def optimizer(kind: Any, where: str) -> None:
         name = kind.last if isinstance(kind, Ref) else kind if isinstance(kind, str) else _short(kind)
         if name not in OPTIMIZERS:
-            raise UserError(f"{path}: optim_type = {name}: tuneforge trains with AdamW or AdamW8bit; "
+            raise UserError(f"{path}: {where} = {name}: tuneforge trains with AdamW or AdamW8bit; "
                             "set optim_type = AdamW")
         take("optim_type", OPTIMIZERS[name])
+
+    if "optim_type" in env:
+        optimizer(env["optim_type"], "optim_type")
     sp = env.get("sequence_parallel_size", 1)
     if sp not in (1, None):
         raise UserError(f"{path}: sequence_parallel_size = {sp}: sequence parallelism is not supported; "
@@ -302,8 +304,8 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
     wrapper = _sub(env, "optim_wrapper")
     opt = _sub(wrapper, "optimizer")
     take_from(opt, {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"})
-    if isinstance(opt.get("type"), Ref) and opt["type"].last in OPTIMIZERS:
-        take("optim_type", OPTIMIZERS[opt["type"].last])
+    if "type" in opt:
+        optimizer(opt["type"], "optim_wrapper.optimizer.type")
     take_from(_sub(wrapper, "clip_grad"), {"max_norm": "max_norm"})
     take_from(wrapper, {"accumulative_counts": "accumulative_counts"})
     if "dtype" in wrapper or "loss_scale" in wrapper:

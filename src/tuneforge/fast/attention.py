@@ -9,6 +9,7 @@ to transformers' own SDPA path unchanged.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -29,6 +30,7 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+@functools.cache  # asked by every attention layer on every step: look the signature up once
 def _varlen_kernel() -> tuple[Any, dict[str, Any], bool] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,15 +22,11 @@ class FastPath:
     mlps: int = 0
     varlen: bool = False
     linear_ce: bool = False
-    recompute: recompute.Plan | None = None
-    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         parts = [f"fused LoRA x{self.lora_layers}", f"RMSNorm x{self.norms}", f"SwiGLU x{self.mlps}",
                  "chunked linear cross-entropy" if self.linear_ce else "plain cross-entropy",
                  "varlen attention" if self.varlen else "SDPA attention"]
-        if self.recompute:
-            parts.append(self.recompute.describe())
         return "fast path: " + ", ".join(parts)
 
 

@@ -57,6 +57,24 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def quantization_config(bits: int, compute_dtype: torch.dtype, needed_by: str, quant_type: str = "nf4",
+                        double_quant: bool = True) -> Any:
+    """bitsandbytes' 4- or 8-bit loading settings; NEEDED_BY names the setting that asked."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise UserError(f"{needed_by} needs bitsandbytes: pip install bitsandbytes") from err
+    return BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8,
+                              bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def device_map(device: torch.device) -> dict[str, Any]:
+    """Where from_pretrained puts a quantized model: all of it on DEVICE."""
+    return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+
+
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, *,
                load_in_4bit: bool = False, quant_type: str = "nf4", double_quant: bool = True,
                trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Any:
@@ -65,16 +83,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, *,
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
                               "attn_implementation": attn_implementation}
     if load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError as err:
-            raise UserError("method='qlora' needs bitsandbytes: pip install bitsandbytes") from err
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
-        )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["quantization_config"] = quantization_config(4, dtype, "method='qlora'", quant_type,
+                                                            double_quant)
+        kwargs["device_map"] = device_map(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as err:

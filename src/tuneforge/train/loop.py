@@ -8,6 +8,7 @@ on from the very next micro-batch.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import signal
@@ -79,7 +80,7 @@ class StopRequest:
             self.restore()
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        tqdm.write(f"[tuneforge] {self.requested}: saving a checkpoint at the end of this step")
+        say(f"{self.requested}: saving a checkpoint at the end of this step")
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -88,14 +89,9 @@ class StopRequest:
 
 
 def say(msg: str) -> None:
-    tqdm.write(f"[tuneforge] {msg}")
-
-
-_say = say
-
-
-def _quiet(msg: str) -> None:
-    """What ranks other than 0 say: nothing."""
+    # Under torchrun or Slurm every rank runs this code; one of them speaks for all.
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(f"[tuneforge] {msg}")
 
 
 class _NoLog:
@@ -228,7 +224,7 @@ def _check_resumable(ckpt: dict[str, Any], model: Any, cfg: Config) -> None:
 
 
 def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, step: int,
-                       template: Any) -> dict[str, Any]:
+                       template: Any, world_size: int = 1) -> dict[str, Any]:
     peft_config = None
     if cfg.method != "full":
         peft_config = model.peft_config["default"].to_dict()
@@ -245,6 +241,7 @@ def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, 
         "template": {"name": template.name, "chat_template": template.chat_template,
                      "stop_words": list(template.stop_words)},
         "tuneforge_version": __version__,
+        "world_size": world_size,
     }
 
 
@@ -263,7 +260,7 @@ def _note_deepspeed(deepspeed: str | None, ranks: parallel.Ranks) -> None:
 
 
 def _with_replay(cfg: Config, model: Any, model_path: Path, tokenizer: Any,
-                 template: Any, say: Any = say) -> tuple[TrainRows, Any]:
+                 template: Any) -> tuple[TrainRows, Any]:
     """Rows with the base model's answers to the general prompts mixed in (generated once)."""
     path = replay_path(model_path, template, cfg.SYSTEM, cfg.replay_max_new_tokens)
     if path.is_file():
@@ -279,7 +276,7 @@ def _with_replay(cfg: Config, model: Any, model_path: Path, tokenizer: Any,
     return rows, stats
 
 
-def _warn_few_steps(rows: TrainRows, cfg: Config, world: int = 1, say: Any = say) -> None:
+def _warn_few_steps(rows: TrainRows, cfg: Config, world: int = 1) -> None:
     per_epoch = total_steps(len(rows), cfg.model_copy(update={"max_steps": None, "max_epochs": 1}), world)
     if per_epoch < 20 and not cfg.max_steps:
         say(f"warning: only {per_epoch} optimizer step(s) per epoch ({len(rows)} rows of up to "
@@ -305,7 +302,6 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         _note_deepspeed(deepspeed, ranks)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    say = _say if ranks.main else _quiet
 
     # Model path first: a missing model is the most common mistake, so fail before any work.
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
@@ -339,10 +335,10 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if cfg.replay_general:
         if not ranks.main:
             parallel.barrier(ranks)  # rank 0 generates the replay answers once
-        rows, stats = _with_replay(cfg, model, model_path, tokenizer, template, say)
+        rows, stats = _with_replay(cfg, model, model_path, tokenizer, template)
         if ranks.main:
             parallel.barrier(ranks)
-    _warn_few_steps(rows, cfg, ranks.world, say)
+    _warn_few_steps(rows, cfg, ranks.world)
     if fsdp and cfg.method == "qlora":
         raise UserError("--fsdp with method='qlora': 4-bit weights cannot be sharded yet; train "
                         "QLoRA without --fsdp (data parallel), or use method='lora'")
@@ -466,7 +462,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
                         f"Lower lr or check the data; last good checkpoint: {good or 'none yet'}")
             optimizer.zero_grad(set_to_none=True)
 
-            n_tokens = int(parallel.total(sum(b["input_ids"].numel() for b in batches), ranks))
+            n_tokens = sum(len(b) * max(map(len, b)) for b in every_rank)  # as collate pads them
             tps = n_tokens / max(1e-9, time.time() - t0)
             lr = scheduler.get_last_lr()[0]
             log.write({"step": done, "loss": round(total, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
@@ -480,10 +476,9 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             stopping = parallel.anyone(stop.requested is not None, ranks)
             if done % cfg.save_steps == 0 or done == steps or stopping:
                 last = work_dir / f"iter_{done}.pth"
-                payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template) \
+                payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template, ranks.world) \
                     if ranks.main or fsdp else None  # FSDP: gathering the shards takes every rank
                 if ranks.main:
-                    payload["world_size"] = ranks.world
                     last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
                     say(f"saved {last}")
             if stopping:
