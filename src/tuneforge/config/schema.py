@@ -79,6 +79,7 @@ class Config(BaseModel):
     # PART 1: save and evaluate
     save_steps: int = Field(500, gt=0)
     save_total_limit: int = Field(2, ge=-1)
+    save_last: bool = True  # a checkpoint at the final step even when save_steps does not divide it
     evaluation_freq: int = Field(500, gt=0)
     evaluation_inputs: list[str] = Field(default_factory=list)
     evaluation_max_new_tokens: int = Field(128, gt=0)

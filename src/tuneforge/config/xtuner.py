@@ -334,7 +334,7 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
             take_from(plain, {"every_n_iters": "evaluation_freq", "evaluation_inputs": "evaluation_inputs",
                               "system": "SYSTEM"})
     take_from(_sub(_sub(env, "default_hooks"), "checkpoint"),
-              {"interval": "save_steps", "max_keep_ckpts": "save_total_limit"})
+              {"interval": "save_steps", "max_keep_ckpts": "save_total_limit", "save_last": "save_last"})
     seed = _sub(env, "randomness").get("seed")
     if isinstance(seed, int):
         take("seed", seed)

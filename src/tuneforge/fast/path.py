@@ -48,11 +48,15 @@ def head_for_linear_ce(model: Any) -> torch.Tensor | None:
     return head.weight
 
 
-def enable(model: Any, varlen: bool) -> FastPath:
-    """Fuse what the model allows; VARLEN says the model was loaded with the varlen attention."""
+def enable(model: Any, varlen: bool, partitioned: bool = False) -> FastPath:
+    """Fuse what the model allows; VARLEN says the model was loaded with the varlen attention.
+    PARTITIONED (DeepSpeed ZeRO-3): a weight is whole only inside its own module's forward, so the
+    fused LoRA, the fused MLP and the chunked head, which read their children's weights, stay off."""
     fast = FastPath(varlen=varlen)
-    fast.lora_layers = fuse_lora(model) if hasattr(model, "peft_config") else 0
     fast.norms = fuse_rmsnorm(model)
+    if partitioned:
+        return fast
+    fast.lora_layers = fuse_lora(model) if hasattr(model, "peft_config") else 0
     fast.mlps = fuse_swiglu(model)
     fast.linear_ce = head_for_linear_ce(model) is not None
     return fast

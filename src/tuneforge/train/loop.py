@@ -43,7 +43,7 @@ from tuneforge.models.load import (
 )
 from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
-from tuneforge.train import parallel
+from tuneforge.train import parallel, zero
 from tuneforge.train.checkpoint import (
     check_space,
     checkpoint_bytes,
@@ -174,14 +174,15 @@ def load_for_training(cfg: Config, model_path: Path, device: torch.device, dtype
                       attn_implementation=attention.register() if varlen else "sdpa")
 
 
-def prepare_for_training(model: Any, cfg: Config) -> tuple[Any, FastPath | None]:
-    """Gradient checkpointing hooks, LoRA adapters and the fast path, as CFG says."""
+def prepare_for_training(model: Any, cfg: Config, partitioned: bool = False) -> tuple[Any, FastPath | None]:
+    """Gradient checkpointing hooks, LoRA adapters and the fast path, as CFG says (PARTITIONED:
+    the weights will be ZeRO-3 partitions)."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method != "full":
         model = apply_lora(model, cfg)
     varlen = model.config._attn_implementation == attention.NAME
-    return model, enable(model, varlen=varlen) if cfg.fast_path else None
+    return model, enable(model, varlen=varlen, partitioned=partitioned) if cfg.fast_path else None
 
 
 def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype | None) -> Any:
@@ -198,17 +199,22 @@ def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype 
 
 def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: FastPath | None,
                      device: torch.device, amp: torch.dtype | None, n_labels: int,
-                     scale: float = 1.0) -> float:
+                     scale: float = 1.0, engine: Any = None) -> float:
     """Accumulate the gradient of one optimizer step's micro-batches (of SCALE times the loss);
-    returns the mean loss per labelled token."""
+    returns the mean loss per labelled token. With a DeepSpeed ENGINE the loss comes out of the
+    engine, which reduces the gradients and, after the last micro-batch, steps the optimizer."""
     total = 0.0
     for b in batches:
         if fast is not None and fast.varlen:
             b = {**b, **attention.varlen_kwargs(b["position_ids"])}
         b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = loss_sum(model, b, fast) / max(1, n_labels)
-        (loss * scale if scale != 1 else loss).backward()
+            loss = (engine(**b) if engine is not None else loss_sum(model, b, fast)) / max(1, n_labels)
+        if engine is not None:
+            engine.backward(loss * scale, scale_wrt_gas=False)  # our loss is already a mean over the step
+            engine.step()
+        else:
+            (loss * scale if scale != 1 else loss).backward()
         total += loss.item()
     return total
 
@@ -224,15 +230,19 @@ def _check_resumable(ckpt: dict[str, Any], model: Any, cfg: Config) -> None:
 
 
 def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, step: int,
-                       template: Any, world_size: int = 1) -> dict[str, Any]:
+                       template: Any, world_size: int = 1,
+                       gathered: tuple[dict, dict] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds; GATHERED: the weights and optimizer state, when an engine
+    (DeepSpeed) had to assemble them from its partitions."""
     peft_config = None
     if cfg.method != "full":
         peft_config = model.peft_config["default"].to_dict()
         peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
     return {
         "step": step,
-        "state_dict": {n: parallel.full(p.detach()).cpu().clone() for n, p in trainable_parameters(model).items()},
-        "optimizer": parallel.full_optimizer_state(optimizer),
+        "state_dict": gathered[0] if gathered else
+        {n: parallel.full(p.detach()).cpu().clone() for n, p in trainable_parameters(model).items()},
+        "optimizer": gathered[1] if gathered else parallel.full_optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "config": cfg.model_dump(mode="json"),
@@ -245,18 +255,32 @@ def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, cfg: Config, 
     }
 
 
-def _note_deepspeed(deepspeed: str | None, ranks: parallel.Ranks) -> None:
+def _deepspeed_config(deepspeed: str | None, fsdp: bool, ranks: parallel.Ranks) -> tuple[dict, str] | None:
+    """The --deepspeed JSON and its source, or None when the built-in loop trains (also for one
+    process without DeepSpeed installed: there is nothing to shard, and the maths is the same)."""
     if not deepspeed:
-        return
-    from tuneforge.train.dist import resolve_deepspeed
+        return None
+    ds = zero.resolve(deepspeed)  # a bad name or file is an error either way
+    if fsdp:
+        raise UserError("--deepspeed and --fsdp are two engines for the same job; pick one")
+    try:
+        import deepspeed as _  # noqa: F401
+    except ImportError:
+        if ranks.world > 1:
+            zero.require()
+        say(f"--deepspeed {deepspeed}: DeepSpeed is not installed; one process has nothing to "
+            "shard, so the built-in loop trains with the same settings")
+        return None
+    return ds
 
-    resolve_deepspeed(deepspeed)  # a bad name or file is still an error
-    if ranks.world == 1:
-        say(f"--deepspeed {deepspeed}: one process, nothing to shard; the built-in loop trains "
-            "with the same settings")
-    else:
-        say(f"--deepspeed {deepspeed}: ZeRO sharding is not built yet; the {ranks.world} ranks train "
-            "data parallel (every rank holds the whole model)")
+
+def _check_deepspeed(cfg: Config, partitioned: bool) -> None:
+    if cfg.optim_type != "AdamW":
+        raise UserError(f"--deepspeed with optim_type='{cfg.optim_type}': DeepSpeed partitions AdamW's "
+                        "state itself; use optim_type='AdamW'")
+    if partitioned and cfg.method == "qlora":
+        raise UserError("--deepspeed ZeRO-3 with method='qlora': 4-bit weights cannot be partitioned; "
+                        "use deepspeed_zero2 (what XTuner's QLoRA recipes use)")
 
 
 def _with_replay(cfg: Config, model: Any, model_path: Path, tokenizer: Any,
@@ -285,8 +309,9 @@ def _warn_few_steps(rows: TrainRows, cfg: Config, world: int = 1) -> None:
 
 
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
-          deepspeed: str | None = None, progress: bool = True, fsdp: bool = False) -> Path:
-    """Run training as CFG says; returns the last checkpoint written. Under torchrun, every
+          deepspeed: str | None = None, progress: bool = True, fsdp: bool = False) -> Path | None:
+    """Run training as CFG says; returns the last checkpoint written (None with save_last=False
+    and no save_steps reached). Under torchrun, every
     rank calls this; rank 0 alone logs, evaluates and saves."""
     ranks = parallel.init()
     try:
@@ -296,10 +321,9 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
 
 
 def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | bool | None,
-           deepspeed: str | None, progress: bool, fsdp: bool) -> Path:
+           deepspeed: str | None, progress: bool, fsdp: bool) -> Path | None:
     started = time.time()
-    if ranks.main:
-        _note_deepspeed(deepspeed, ranks)
+    ds_file = _deepspeed_config(deepspeed, fsdp, ranks)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -331,6 +355,11 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     device = parallel.device(ranks) if ranks.world > 1 else pick_device()
     dtype = pick_dtype(cfg.dtype, device)
     amp = autocast_dtype(cfg.dtype, device)
+    ds = zero.fill_auto(*ds_file, cfg, ranks.world, dtype) if ds_file else None
+    partitioned = ds is not None and zero.stage(ds) == 3
+    if ds is not None:
+        _check_deepspeed(cfg, partitioned)
+        zero.init_distributed()
     model = load_for_training(cfg, model_path, device, dtype)
     if cfg.replay_general:
         if not ranks.main:
@@ -342,7 +371,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if fsdp and cfg.method == "qlora":
         raise UserError("--fsdp with method='qlora': 4-bit weights cannot be sharded yet; train "
                         "QLoRA without --fsdp (data parallel), or use method='lora'")
-    model, fast = prepare_for_training(model, cfg)
+    model, fast = prepare_for_training(model, cfg, partitioned)
     if fsdp and fast:
         # The chunked head and the memory probe call the decoder directly, past FSDP's root hooks.
         fast.linear_ce = False
@@ -351,31 +380,38 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if ckpt is not None:  # weights first, while they are whole; the optimizer state below
         _check_resumable(ckpt, model, cfg)
         model.load_state_dict(ckpt["state_dict"], strict=False)
-    if fsdp:
+    if fsdp or partitioned:  # no memory probe through sharded weights: all layers or none
         layers = recompute.decoder_layers(model)
         recompute.apply(layers, len(layers) if cfg.gradient_checkpointing else 0)
+    if fsdp:
         parallel.shard(model, layers, ranks)
-    params = list(trainable_parameters(model).values())
+    named = trainable_parameters(model)
+    params = list(named.values())
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
+    engine_name = (f"DeepSpeed ZeRO-{zero.stage(ds)}" if ds is not None else "FSDP2 (weights sharded)"
+                   if fsdp else "data parallel")
     say(f"model: {model_path} on {device} ({dtype}{', bf16 autocast' if amp else ''}), {cfg.method}, "
         f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable"
-        + (f"; {ranks.world} ranks, " + ("FSDP2 (weights sharded)" if fsdp else "data parallel")
-           if ranks.world > 1 else ""))
+        + (f"; {ranks.world} rank(s), {engine_name}" if ranks.world > 1 or ds is not None else ""))
 
     steps = total_steps(len(rows), cfg, ranks.world)
     if ranks.main:
         check_space(work_dir, checkpoint_bytes(params), cfg.save_total_limit)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
-    plan = None if fsdp else plan_memory(model, cfg, device, amp)
+    plan = None if fsdp or partitioned else plan_memory(model, cfg, device, amp)
     if plan:
         say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
                                "; that is over budget: lower max_length or use qlora"))
+    engine = zero.wrap(model, lambda m, b: loss_sum(m, b, fast), optimizer, ds) if ds is not None else None
     start = 0
     if ckpt is not None:
-        optimizer.load_state_dict(parallel.sharded_optimizer_state(ckpt["optimizer"], params)
-                                  if fsdp else ckpt["optimizer"])
+        if engine is not None:
+            zero.load_full_state(engine, named, ckpt["state_dict"], ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(parallel.sharded_optimizer_state(ckpt["optimizer"], params)
+                                      if fsdp else ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
@@ -385,7 +421,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             say(f"warning: the checkpoint trained {before} micro-batches per step (ranks x "
                 f"accumulative_counts), this run {ranks.world * cfg.accumulative_counts}; the data "
                 "order and the loss scale change from here on")
-    if not fsdp:
+    if not fsdp and engine is None:  # (DeepSpeed broadcasts rank 0's weights itself)
         parallel.broadcast_parameters(params, ranks)
 
     log = JsonlLog(work_dir / "train_log.jsonl") if ranks.main else _NoLog()
@@ -395,8 +431,8 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
 
     def run_eval(step: int) -> None:
         guard = GUARD_GENERAL + GUARD_IDENTITY if cfg.identity_guard else []
-        # Under FSDP every forward is a collective: rank 0 cannot generate alone.
-        if not cfg.evaluation_inputs and not guard or not ranks.main or fsdp:
+        # With sharded weights every forward is a collective: rank 0 cannot generate alone.
+        if not cfg.evaluation_inputs and not guard or not ranks.main or fsdp or partitioned:
             return
         answers = evaluate(model, tokenizer, template, cfg.evaluation_inputs + guard, cfg.SYSTEM,
                            cfg.evaluation_max_new_tokens)
@@ -435,17 +471,21 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             every_rank = micro_batches(rows, cfg, step, ranks.world)
             n_labels = sum(labelled(b) for b in every_rank)  # the loss is a mean over all ranks' tokens
             batches = [collate(b, tokenizer.pad_token_id) for b in every_rank[ranks.rank::ranks.world]]
-            # FSDP averages gradients over ranks; each rank's loss is its part of the sum
+            # FSDP and DeepSpeed average gradients over ranks; each rank's loss is its part of the sum
             total = forward_backward(model, batches, fast, device, amp, n_labels,
-                                     scale=ranks.world if fsdp else 1)
-            if not fsdp:
+                                     scale=ranks.world if fsdp or engine else 1, engine=engine)
+            if not fsdp and engine is None:
                 parallel.sum_gradients(params, ranks)
             total = parallel.total(total, ranks)
-            grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)).item()
+            if engine is not None:  # it clipped and stepped already (or skipped a non-finite step)
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            else:
+                grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)).item()
             done = step + 1
             if math.isfinite(total) and math.isfinite(grad_norm):
                 bad_in_a_row = 0
-                optimizer.step()
+                if engine is None:
+                    optimizer.step()
                 scheduler.step()
             else:
                 # One bad batch (overflow, a corrupt sample) must not poison the weights: skip the
@@ -460,7 +500,8 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
                     raise UserError(
                         f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopped. "
                         f"Lower lr or check the data; last good checkpoint: {good or 'none yet'}")
-            optimizer.zero_grad(set_to_none=True)
+            if engine is None:
+                optimizer.zero_grad(set_to_none=True)
 
             n_tokens = sum(len(b) * max(map(len, b)) for b in every_rank)  # as collate pads them
             tps = n_tokens / max(1e-9, time.time() - t0)
@@ -474,10 +515,12 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
                 say(f"step {done}/{steps} loss {total:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
 
             stopping = parallel.anyone(stop.requested is not None, ranks)
-            if done % cfg.save_steps == 0 or done == steps or stopping:
+            if done % cfg.save_steps == 0 or (done == steps and cfg.save_last) or stopping:
                 last = work_dir / f"iter_{done}.pth"
-                payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template, ranks.world) \
-                    if ranks.main or fsdp else None  # FSDP: gathering the shards takes every rank
+                # gathering FSDP shards or ZeRO partitions takes every rank
+                gathered = zero.full_state(engine, named, keep=ranks.main) if engine is not None else None
+                payload = checkpoint_payload(model, optimizer, scheduler, cfg, done, template, ranks.world,
+                                             gathered) if ranks.main or fsdp else None
                 if ranks.main:
                     last = save_checkpoint(work_dir, done, payload, cfg.save_total_limit)
                     say(f"saved {last}")
@@ -494,7 +537,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     bar.close()
 
     parallel.barrier(ranks)  # the final checkpoint is on disk before any rank returns
-    if last is None:  # resumed from a checkpoint of the final step: nothing left to do
+    if last is None and list_checkpoints(work_dir):  # resumed from the final step, or save_last=False
         last = find_resume(work_dir, None)
     run_eval(steps)
     if not ranks.main:
