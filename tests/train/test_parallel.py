@@ -41,36 +41,67 @@ def _train(cfg: Path, work: Path, nproc: int, *extra: str) -> list[dict]:
     return [r for r in log if "loss" in r]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", [[], ["--fsdp"]], ids=["data-parallel", "fsdp2"])
-def test_two_ranks_match_one_process_and_resume_on_one(bundled_path, identity_data, tmp_path, engine):
-    two = _train(_config(tmp_path, bundled_path, identity_data, 1), tmp_path / "two", 2, *engine)
-    one = _train(_config(tmp_path, bundled_path, identity_data, 2), tmp_path / "one", 1)
-    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 11))
+def _has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_deepspeed = pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
+ENGINES = [
+    pytest.param([], id="data-parallel"),
+    pytest.param(["--fsdp"], id="fsdp2"),
+    pytest.param(["--deepspeed", "deepspeed_zero2"], id="zero2", marks=needs_deepspeed),
+    pytest.param(["--deepspeed", "deepspeed_zero3"], id="zero3", marks=needs_deepspeed),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_path, tmp_path_factory):
+    """One process, accumulation 2, the built-in loop: what every 2-rank engine must reproduce."""
+    from tuneforge.data.selfcog import write_self_cognition
+
+    root = tmp_path_factory.mktemp("parallel")
+    data = root / "assistant.jsonl"
+    write_self_cognition(data, "龙", "Long")
+    one = _train(_config(root, bundled_path, data, 2), root / "one", 1)
+    assert [r["step"] for r in one] == list(range(1, 11))
     assert one[-1]["loss"] < one[0]["loss"]
-    for a, b in zip(two, one, strict=True):
+    return root, data, one
+
+
+def _close(got: list[dict], want: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * b["grad_norm"] + 1e-4, (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_ranks_match_one_process_and_resume_on_one(bundled_path, reference, tmp_path, engine):
+    root, data, one = reference
+    two = _train(_config(tmp_path, bundled_path, data, 1), tmp_path / "two", 2, *engine)
+    _close(two, one)
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
 
-    # the 2-rank checkpoint of step 5 goes on in one process (twice the accumulation)
+    # the 2-rank checkpoint of step 5 goes on in one process (twice the accumulation), no engine
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "iter_5.pth").write_bytes((tmp_path / "two" / "iter_5.pth").read_bytes())
-    after = _train(_config(tmp_path, bundled_path, identity_data, 2), resumed, 1,
+    after = _train(_config(tmp_path, bundled_path, data, 2), resumed, 1,
                    "--resume", str(resumed / "iter_5.pth"))
-    assert [r["step"] for r in after] == list(range(6, 11))
-    for a, b in zip(after, two[5:], strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+    _close(after, two[5:])
 
-    # and the other way: the one-process checkpoint goes on with 2 ranks
+    # and the other way: the one-process checkpoint goes on with 2 ranks under the engine
     again = tmp_path / "again"
     again.mkdir()
-    (again / "iter_5.pth").write_bytes((tmp_path / "one" / "iter_5.pth").read_bytes())
-    after = _train(_config(tmp_path, bundled_path, identity_data, 1), again, 2, *engine,
+    (again / "iter_5.pth").write_bytes((root / "one" / "iter_5.pth").read_bytes())
+    after = _train(_config(tmp_path, bundled_path, data, 1), again, 2, *engine,
                    "--resume", str(again / "iter_5.pth"))
-    for a, b in zip(after, one[5:], strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+    _close(after, one[5:])
 
 
 def test_torchrun_only_when_asked(monkeypatch):
