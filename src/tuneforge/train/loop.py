@@ -187,7 +187,8 @@ def prepare_for_training(model: Any, cfg: Config, partitioned: bool = False) -> 
 
 def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype | None) -> Any:
     """With gradient_checkpointing='auto': on a GPU, recompute as few layers as the memory budget
-    allows (returns the plan); on a CPU, none. Call after the optimizer exists."""
+    allows (returns the plan); on a CPU, none. Call with the whole model on its device; what the
+    optimizer will add at its first step is counted in."""
     if cfg.gradient_checkpointing != "auto":
         return None
     if device.type != "cuda":
@@ -199,22 +200,23 @@ def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype 
 
 def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: FastPath | None,
                      device: torch.device, amp: torch.dtype | None, n_labels: int,
-                     scale: float = 1.0, engine: Any = None) -> float:
+                     scale: float = 1.0, wrapped: Any = None) -> float:
     """Accumulate the gradient of one optimizer step's micro-batches (of SCALE times the loss);
-    returns the mean loss per labelled token. With a DeepSpeed ENGINE the loss comes out of the
-    engine, which reduces the gradients and, after the last micro-batch, steps the optimizer."""
+    returns the mean loss per labelled token. WRAPPED: MODEL behind a wrapper whose forward
+    returns the loss, the FSDP root or a DeepSpeed engine (which also reduces the gradients and,
+    after the last micro-batch, steps the optimizer)."""
     total = 0.0
     for b in batches:
         if fast is not None and fast.varlen:
             b = {**b, **attention.varlen_kwargs(b["position_ids"])}
         b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = (engine(**b) if engine is not None else loss_sum(model, b, fast)) / max(1, n_labels)
-        if engine is not None:
-            engine.backward(loss * scale, scale_wrt_gas=False)  # our loss is already a mean over the step
-            engine.step()
-        else:
+            loss = (wrapped(**b) if wrapped is not None else loss_sum(model, b, fast)) / max(1, n_labels)
+        if wrapped is None or isinstance(wrapped, parallel.LossModule):
             (loss * scale if scale != 1 else loss).backward()
+        else:
+            wrapped.backward(loss * scale, scale_wrt_gas=False)  # our loss is already a mean over the step
+            wrapped.step()
         total += loss.item()
     return total
 
@@ -315,7 +317,7 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     rank calls this; rank 0 alone logs, evaluates and saves."""
     ranks = parallel.init()
     try:
-        return _train(cfg, work_dir, ranks, resume, deepspeed, progress, fsdp and ranks.world > 1)
+        return _train(cfg, work_dir, ranks, resume, deepspeed, progress, fsdp)
     finally:
         parallel.shutdown(ranks)
 
@@ -359,6 +361,9 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     partitioned = ds is not None and zero.stage(ds) == 3
     if ds is not None:
         _check_deepspeed(cfg, partitioned)
+    if (ds is not None or fsdp) and ranks.world == 1:
+        parallel.init_single()
+    if ds is not None:
         zero.init_distributed()
     model = load_for_training(cfg, model_path, device, dtype)
     if cfg.replay_general:
@@ -372,19 +377,19 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         raise UserError("--fsdp with method='qlora': 4-bit weights cannot be sharded yet; train "
                         "QLoRA without --fsdp (data parallel), or use method='lora'")
     model, fast = prepare_for_training(model, cfg, partitioned)
-    if fsdp and fast:
-        # The chunked head and the memory probe call the decoder directly, past FSDP's root hooks.
-        fast.linear_ce = False
     if fast:
         say(fast.describe())
     if ckpt is not None:  # weights first, while they are whole; the optimizer state below
         _check_resumable(ckpt, model, cfg)
         model.load_state_dict(ckpt["state_dict"], strict=False)
-    if fsdp or partitioned:  # no memory probe through sharded weights: all layers or none
-        layers = recompute.decoder_layers(model)
-        recompute.apply(layers, len(layers) if cfg.gradient_checkpointing else 0)
-    if fsdp:
-        parallel.shard(model, layers, ranks)
+    # Planned on the whole model, before any sharding: conservative when shards will be smaller.
+    plan = plan_memory(model, cfg, device, amp)
+    if plan:
+        say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
+                               "; that is over budget: lower max_length or use qlora"))
+    root = parallel.LossModule(model, lambda m, b: loss_sum(m, b, fast)) if fsdp else None
+    if root is not None:
+        parallel.shard(root, recompute.decoder_layers(model), ranks)
     named = trainable_parameters(model)
     params = list(named.values())
     n_train = sum(p.numel() for p in params)
@@ -393,17 +398,13 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
                    if fsdp else "data parallel")
     say(f"model: {model_path} on {device} ({dtype}{', bf16 autocast' if amp else ''}), {cfg.method}, "
         f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable"
-        + (f"; {ranks.world} rank(s), {engine_name}" if ranks.world > 1 or ds is not None else ""))
+        + (f"; {ranks.world} rank(s), {engine_name}" if ranks.world > 1 or ds is not None or fsdp else ""))
 
     steps = total_steps(len(rows), cfg, ranks.world)
     if ranks.main:
         check_space(work_dir, checkpoint_bytes(params), cfg.save_total_limit)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
-    plan = None if fsdp or partitioned else plan_memory(model, cfg, device, amp)
-    if plan:
-        say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
-                               "; that is over budget: lower max_length or use qlora"))
     engine = zero.wrap(model, lambda m, b: loss_sum(m, b, fast), optimizer, ds) if ds is not None else None
     start = 0
     if ckpt is not None:
@@ -473,7 +474,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             batches = [collate(b, tokenizer.pad_token_id) for b in every_rank[ranks.rank::ranks.world]]
             # FSDP and DeepSpeed average gradients over ranks; each rank's loss is its part of the sum
             total = forward_backward(model, batches, fast, device, amp, n_labels,
-                                     scale=ranks.world if fsdp or engine else 1, engine=engine)
+                                     scale=ranks.world if fsdp or engine else 1, wrapped=engine or root)
             if not fsdp and engine is None:
                 parallel.sum_gradients(params, ranks)
             total = parallel.total(total, ranks)
@@ -507,7 +508,9 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             tps = n_tokens / max(1e-9, time.time() - t0)
             lr = scheduler.get_last_lr()[0]
             log.write({"step": done, "loss": round(total, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                       "tokens": n_tokens, "tokens_per_s": round(tps, 1)})
+                       "tokens": n_tokens, "tokens_per_s": round(tps, 1),
+                       **({"peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+                          if device.type == "cuda" else {})})
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if progress and not live and (done % every == 0 or done == steps):

@@ -5,7 +5,10 @@ exactly what one process with N times the accumulation trains."""
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,33 @@ def init() -> Ranks:
             torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return ranks
+
+
+def init_single() -> None:
+    """A process group of one, for engines that want one even then (FSDP2, DeepSpeed). Without
+    rank variables DeepSpeed would go looking for MPI (XTuner's "No module named 'mpi4py'")."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+class LossModule(torch.nn.Module):
+    """The model with the loss as its output. FSDP gathers the root unit's weights (embeddings,
+    head) in the root's forward, and DeepSpeed hooks its backward bookkeeping onto what its
+    engine's forward returns: either way the loss must come out of the wrapped module, whichever
+    path (chunked head, varlen attention) computes it."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, dict], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, **batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
 
 def device(ranks: Ranks) -> torch.device:
@@ -98,7 +128,7 @@ def _comm_device() -> torch.device:
 
 # ---------------------------------------------------------------- FSDP2: weights sharded too
 
-def shard(model: torch.nn.Module, layers: list[torch.nn.Module], ranks: Ranks) -> None:
+def shard(root: LossModule, layers: list[torch.nn.Module], ranks: Ranks) -> None:
     """PyTorch FSDP2: each decoder layer is one unit (gathered for its forward and backward,
     sharded again after), the rest (embeddings, final norm, head) is the root unit."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -107,7 +137,7 @@ def shard(model: torch.nn.Module, layers: list[torch.nn.Module], ranks: Ranks) -
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (ranks.world,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(root, mesh=mesh)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

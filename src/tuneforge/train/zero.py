@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.train.parallel import LossModule
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config" / "deepspeed"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -92,31 +91,11 @@ def require() -> None:
 
 
 def init_distributed() -> None:
-    """Join (or, for one process, create) the process group before DeepSpeed looks for one: with no
-    rank variables set, DeepSpeed goes looking for MPI (XTuner's "No module named 'mpi4py'")."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+    """Hand DeepSpeed the process group tuneforge made (parallel.init or init_single)."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, verbose=False)
-
-
-class LossModule(torch.nn.Module):
-    """The model with the loss as its output. DeepSpeed hooks its backward bookkeeping onto what
-    the engine's forward returns, so the loss must come out of the engine, whatever path computes it."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, dict], torch.Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, **batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
 
 
 def wrap(model: torch.nn.Module, loss_fn: Callable[[Any, dict], torch.Tensor],
