@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,22 +85,30 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
     work = args.scratch / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cfg = work / "config.py"
+    cfg = args.scratch / f"{name}.py"
     write_config(cfg, args.model, args.data, run, args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NPROC_PER_NODE": str(run.gpus)}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work),
-                           "--no-progress", *run.flags], capture_output=True, text=True, env=env,
-                          timeout=args.timeout)
+    # its own process group, so that a run that hangs takes its ranks with it when it is killed
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work),
+                             "--no-progress", *run.flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        print(f"  {name}: no result in {args.timeout}s\n" + stderr[-3000:], flush=True)
+        return None
     wall = time.time() - t0
-    said = [x for x in proc.stdout.splitlines() + proc.stderr.splitlines() if x.startswith("[tuneforge]")]
+    said = [x for x in stdout.splitlines() + stderr.splitlines() if x.startswith("[tuneforge]")]
     for line in said:
         print("  " + line, flush=True)
     log = work / "train_log.jsonl"
     steps = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     steps = [r for r in steps if "tokens_per_s" in r]
     if proc.returncode != 0 or len(steps) < args.steps:
-        print(f"  {name} failed (exit {proc.returncode}):\n" + proc.stderr[-4000:], flush=True)
+        print(f"  {name} failed (exit {proc.returncode}):\n" + stderr[-4000:], flush=True)
         return None
     timed = steps[args.warmup:]
     return {"run": name, "engine": run.engine, "method": run.method, "gpus": run.gpus,
@@ -150,7 +159,7 @@ def main() -> None:
     ap.add_argument("--runs", default="", help="comma-separated names (default: all)")
     ap.add_argument("--model", type=Path, default=Path("/tmp/tuneforge-bench-model-internlm2.5-7b-all"))
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/tuneforge-bench-parallel"))
-    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per run")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:

@@ -206,7 +206,9 @@ def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: F
     returns the loss, the FSDP root or a DeepSpeed engine (which also reduces the gradients and,
     after the last micro-batch, steps the optimizer)."""
     total = 0.0
-    for b in batches:
+    for i, b in enumerate(batches):
+        if getattr(wrapped, "sync_last_only", False):
+            wrapped.set_requires_gradient_sync(i == len(batches) - 1)
         if fast is not None and fast.varlen:
             b = {**b, **attention.varlen_kwargs(b["position_ids"])}
         b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -351,8 +353,9 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     parallel.barrier(ranks)
     ckpt = load_checkpoint(find_resume(work_dir, resume if isinstance(resume, str) else None)) \
         if resume else None
-    if cfg._source and not resume and ranks.main:
-        shutil.copyfile(cfg._source, work_dir / Path(cfg._source).name)
+    kept = work_dir / Path(cfg._source).name if cfg._source else None
+    if kept and not resume and ranks.main and not (kept.exists() and kept.samefile(cfg._source)):
+        shutil.copyfile(cfg._source, kept)
 
     device = parallel.device(ranks) if ranks.world > 1 else pick_device()
     dtype = pick_dtype(cfg.dtype, device)
