@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,9 +13,16 @@ from pathlib import Path
 import pytest
 
 
-def tuneforge(*args: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
+def tuneforge(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+              **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, **kw)
+                          text=True, timeout=timeout, env={**os.environ, **env} if env else None, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_config(path: Path, model: Path, data: Path, **settings) -> Path:
@@ -168,7 +176,8 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_one_before
     assert (work / "iter_6.pth").is_file()
 
 
-def test_a_work_dir_without_room_is_refused_before_training(tiny_model_dir, identity_data, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_work_dir_without_room_is_refused_before_training(tiny_model_dir, identity_data, tmp_path, nproc):
     cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, method="full", max_steps=2)
     # a 1 MiB filesystem: the tiny model's full checkpoints (params + AdamW) do not fit
     mount = tmp_path / "small"
@@ -176,8 +185,14 @@ def test_a_work_dir_without_room_is_refused_before_training(tiny_model_dir, iden
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
-        proc = tuneforge("train", str(cfg), "--work-dir", str(mount / "work"))
-        assert_one_line_error(proc, "GiB free", "save_total_limit", "--work-dir")
+        if nproc == 1:
+            proc = tuneforge("train", str(cfg), "--work-dir", str(mount / "work"))
+            assert_one_line_error(proc, "GiB free", "save_total_limit", "--work-dir")
+        else:  # rank 0 finds it; every rank must stop, not wait for rank 0 in a collective
+            proc = tuneforge("train", str(cfg), "--work-dir", str(mount / "work"),
+                             env={"NPROC_PER_NODE": "2", "PORT": str(_free_port())}, timeout=120)
+            assert proc.returncode == 1
+            assert "GiB free" in proc.stderr and "rank 0 found no room" in proc.stderr
         assert not list((mount / "work").glob("iter_*"))
     finally:
         subprocess.run(["umount", str(mount)], check=False)

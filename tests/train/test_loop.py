@@ -119,3 +119,24 @@ def test_a_full_disk_mid_run_names_the_last_good_checkpoint(tmp_path, monkeypatc
         checkpoint.save_checkpoint(tmp_path, 4, {"state_dict": {}, "step": 4}, keep=2)
     assert not (tmp_path / "iter_4.pth.tmp").exists() and not (tmp_path / "iter_4.pth").exists()
     assert checkpoint.find_resume(tmp_path, None) == good.resolve()
+
+
+def test_save_last_false_writes_only_the_save_steps_checkpoints(tiny_model_dir, identity_data, tmp_path):
+    cfg = tiny_config(tiny_model_dir, identity_data, max_steps=5, save_steps=2, save_total_limit=-1,
+                      save_last=False)
+    assert train(cfg, tmp_path / "w", progress=False).name == "iter_4.pth"
+    assert [p.name for p in list_checkpoints(tmp_path / "w")] == ["iter_2.pth", "iter_4.pth"]
+    none = tiny_config(tiny_model_dir, identity_data, max_steps=3, save_steps=10, save_last=False)
+    assert train(none, tmp_path / "n", progress=False) is None
+
+
+def test_checkpoints_kept_counts_what_will_be_on_disk(tiny_model_dir, identity_data):
+    from tuneforge.train.loop import checkpoints_kept
+
+    def kept(steps: int, **kw) -> int:
+        return checkpoints_kept(tiny_config(tiny_model_dir, identity_data, **kw), steps)
+
+    assert kept(10, save_steps=3, save_total_limit=2) == 2
+    assert kept(10, save_steps=100, save_total_limit=2) == 1  # the last one
+    assert kept(10, save_steps=100, save_last=False) == 0  # nothing to make room for
+    assert kept(1000, save_steps=10, save_total_limit=-1) == 3

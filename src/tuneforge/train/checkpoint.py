@@ -71,12 +71,14 @@ def checkpoint_bytes(trainable: list[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in trainable) * 4 * 3
 
 
-def check_space(work_dir: Path, each: int, keep: int) -> None:
-    """Fail before training, not hours in, when WORK_DIR cannot hold the checkpoints."""
+def check_space(work_dir: Path, each: int, kept: int) -> None:
+    """Fail before training, not hours in, when WORK_DIR cannot hold the KEPT checkpoints that
+    will be on disk together."""
     if not os.access(work_dir, os.W_OK):
         raise UserError(f"work dir '{work_dir}' is not writable; pick another with --work-dir")
+    if kept == 0:
+        return
     free = shutil.disk_usage(work_dir).free
-    kept = keep if keep > 0 else 3
     need = each * (kept + 1)  # the kept ones, and the next one being written
     if free < need:
         raise UserError(f"work dir '{work_dir}' has {free / 2**30:.2f} GiB free; checkpoints take "

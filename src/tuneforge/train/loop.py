@@ -219,8 +219,8 @@ def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: F
         else:
             wrapped.backward(loss * scale, scale_wrt_gas=False)  # our loss is already a mean over the step
             wrapped.step()
-        total += loss.item()
-    return total
+        total = total + loss.detach()  # no .item() here: a sync per micro-batch stalls the GPU queue
+    return float(total)
 
 
 def _check_resumable(ckpt: dict[str, Any], model: Any, cfg: Config) -> None:
@@ -278,6 +278,13 @@ def _deepspeed_config(deepspeed: str | None, fsdp: bool, ranks: parallel.Ranks) 
     return ds
 
 
+def checkpoints_kept(cfg: Config, steps: int) -> int:
+    """How many checkpoints a run of STEPS steps will have on disk at once (for save_total_limit
+    -1, "keep all", the next three)."""
+    written = steps // cfg.save_steps + (cfg.save_last and steps % cfg.save_steps != 0)
+    return min(written, cfg.save_total_limit if cfg.save_total_limit > 0 else 3)
+
+
 def _check_deepspeed(cfg: Config, partitioned: bool) -> None:
     if cfg.optim_type != "AdamW":
         raise UserError(f"--deepspeed with optim_type='{cfg.optim_type}': DeepSpeed partitions AdamW's "
@@ -319,9 +326,15 @@ def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
     rank calls this; rank 0 alone logs, evaluates and saves."""
     ranks = parallel.init()
     try:
-        return _train(cfg, work_dir, ranks, resume, deepspeed, progress, fsdp)
-    finally:
-        parallel.shutdown(ranks)
+        last = _train(cfg, work_dir, ranks, resume, deepspeed, progress, fsdp)
+    except BaseException:
+        # With other ranks, leave the group as it is: tearing NCCL down while another rank waits in
+        # a collective can hang; the launcher stops the others once this one exits.
+        if ranks.world == 1:
+            parallel.shutdown(ranks)
+        raise
+    parallel.shutdown(ranks)
+    return last
 
 
 def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | bool | None,
@@ -404,8 +417,16 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         + (f"; {ranks.world} rank(s), {engine_name}" if ranks.world > 1 or ds is not None or fsdp else ""))
 
     steps = total_steps(len(rows), cfg, ranks.world)
+    # Rank 0 checks, every rank stops: an error on one rank alone leaves the others waiting forever
+    # in their next collective.
+    room = None
     if ranks.main:
-        check_space(work_dir, checkpoint_bytes(params), cfg.save_total_limit)
+        try:
+            check_space(work_dir, checkpoint_bytes(params), checkpoints_kept(cfg, steps))
+        except UserError as err:
+            room = err
+    if parallel.anyone(room is not None, ranks):
+        raise room or UserError("rank 0 found no room for the checkpoints (its error is above)")
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
     engine = zero.wrap(model, lambda m, b: loss_sum(m, b, fast), optimizer, ds) if ds is not None else None
