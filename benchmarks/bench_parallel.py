@@ -9,8 +9,8 @@ DIR holds a tokenizer (tokenizer.json, tokenizer_config.json, a chat template): 
 is random, so any tokenizer whose ids fit its 92,544-word vocabulary will do; we use the bundled
 SmolLM2's. The data is synthetic alpaca records of ~1,000 tokens packed into 4,096-token rows.
 
-tokens/s is what the training log reports: all ranks' tokens of a step over the step's wall time,
-as the median over the steps after --warmup. Each rank trains accumulative_counts rows of --seq
+tokens/s is from the training log: all ranks' tokens over the wall time of the steps after
+--warmup, summed (single steps vary by +-15% with the rows' lengths). Each rank trains accumulative_counts rows of --seq
 tokens per step, so N ranks train N times the tokens of one per step (weak scaling, the way a
 user adds GPUs). Scaling = tokens/s on N GPUs / tokens/s on one, same engine.
 """
@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -111,8 +110,9 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
         print(f"  {name} failed (exit {proc.returncode}):\n" + stderr[-4000:], flush=True)
         return None
     timed = steps[args.warmup:]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
     return {"run": name, "engine": run.engine, "method": run.method, "gpus": run.gpus,
-            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
+            "tokens_per_s": round(sum(r["tokens"] for r in timed) / seconds, 1),
             "tokens_per_step": timed[0]["tokens"],
             "peak_gib": max((r.get("peak_gib") or 0) for r in steps) or None,
             "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]],
@@ -131,7 +131,7 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     results.write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"Measured {meta['date']} on {meta['gpus']}x {meta['gpu']}, model shape internlm2.5-7b "
              f"(random weights), {meta['seq']}-token packed rows, {meta['accumulation']} rows per rank per "
-             f"step, median of steps {meta['warmup'] + 1}-{meta['steps']}; torch {meta['torch']}, "
+             f"step, tokens over time of steps {meta['warmup'] + 1}-{meta['steps']}; torch {meta['torch']}, "
              f"deepspeed {meta['deepspeed']}.", f"Command: `{meta['command']}`", "",
              "| run | engine | method | GPUs | tokens/s | scaling vs 1 GPU | peak GiB (rank 0) | loss first -> last |",
              "|---|---|---|---|---|---|---|---|"]
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, required=True, help="a folder with a tokenizer (see above)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--accumulation", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the median (compilation)")
     ap.add_argument("--runs", default="", help="comma-separated names (default: all)")
     ap.add_argument("--model", type=Path, default=Path("/tmp/tuneforge-bench-model-internlm2.5-7b-all"))
@@ -169,6 +169,7 @@ def main() -> None:
     plan = runs_for(args.gpus)
     names = [n.strip() for n in args.runs.split(",") if n.strip()] or list(plan)
     make_model(args.model, "internlm2.5-7b", None)
+    torch.cuda.empty_cache()  # the ranks need GPU 0 whole (a first run here saw 28 GiB still held)
     for f in args.tokenizer.iterdir():  # the random model speaks through this tokenizer
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, args.model / f.name)

@@ -389,9 +389,6 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         if ranks.main:
             parallel.barrier(ranks)
     _warn_few_steps(rows, cfg, ranks.world)
-    if fsdp and cfg.method == "qlora":
-        raise UserError("--fsdp with method='qlora': 4-bit weights cannot be sharded yet; train "
-                        "QLoRA without --fsdp (data parallel), or use method='lora'")
     model, fast = prepare_for_training(model, cfg, partitioned)
     if fast:
         say(fast.describe())
