@@ -107,17 +107,6 @@ def wrap(model: torch.nn.Module, loss_fn: Callable[[Any, dict], torch.Tensor],
     return engine
 
 
-def zero_init(ds: dict[str, Any]) -> Any:
-    """For ZeRO-3, the context in which to build the model so each rank only ever holds its part."""
-    import contextlib
-
-    if stage(ds) != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.Init(config_dict_or_path=ds)
-
-
 def full_state(engine: Any, params: dict[str, torch.nn.Parameter], keep: bool) -> tuple[dict, dict] | None:
     """The trainable weights (fp32 master copies) and AdamW's state, gathered whole, in the shapes
     a one-process run writes; None where not KEEP. A collective: every rank calls it, in the same
