@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tuneforge.train.parallel import free_port
+
 
 def tuneforge(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
               **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **env} if env else None, **kw)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, model: Path, data: Path, **settings) -> Path:
@@ -190,7 +185,7 @@ def test_a_work_dir_without_room_is_refused_before_training(tiny_model_dir, iden
             assert_one_line_error(proc, "GiB free", "save_total_limit", "--work-dir")
         else:  # rank 0 finds it; every rank must stop, not wait for rank 0 in a collective
             proc = tuneforge("train", str(cfg), "--work-dir", str(mount / "work"),
-                             env={"NPROC_PER_NODE": "2", "PORT": str(_free_port())}, timeout=120)
+                             env={"NPROC_PER_NODE": "2", "PORT": str(free_port())}, timeout=120)
             assert proc.returncode == 1
             assert "GiB free" in proc.stderr and "rank 0 found no room" in proc.stderr
         assert not list((mount / "work").glob("iter_*"))

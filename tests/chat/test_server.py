@@ -166,15 +166,14 @@ def test_the_page_streams_an_answer_and_compares_with_the_base(server):
 
 def test_serve_command_starts_and_refuses_a_busy_port(tiny_model_dir):
     import os
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tuneforge.train.parallel import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", str(tiny_model_dir), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

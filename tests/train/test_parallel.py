@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,7 @@ from pathlib import Path
 import pytest
 
 from tuneforge.train.launch import first_host, torchrun_command
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tuneforge.train.parallel import free_port
 
 
 def _config(tmp_path: Path, model: Path, data: Path, accumulation: int) -> Path:
@@ -33,7 +27,7 @@ def _config(tmp_path: Path, model: Path, data: Path, accumulation: int) -> Path:
 
 
 def _train(cfg: Path, work: Path, nproc: int, *extra: str) -> list[dict]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NPROC_PER_NODE": str(nproc), "PORT": str(_free_port())}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NPROC_PER_NODE": str(nproc), "PORT": str(free_port())}
     proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work),
                            "--no-progress", *extra], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -207,7 +207,7 @@ def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: F
     after the last micro-batch, steps the optimizer)."""
     total = 0.0
     for i, b in enumerate(batches):
-        if getattr(wrapped, "sync_last_only", False):
+        if isinstance(wrapped, parallel.LossModule) and wrapped.sync_last_only:
             wrapped.set_requires_gradient_sync(i == len(batches) - 1)
         if fast is not None and fast.varlen:
             b = {**b, **attention.varlen_kwargs(b["position_ids"])}
@@ -267,11 +267,9 @@ def _deepspeed_config(deepspeed: str | None, fsdp: bool, ranks: parallel.Ranks) 
     ds = zero.resolve(deepspeed)  # a bad name or file is an error either way
     if fsdp:
         raise UserError("--deepspeed and --fsdp are two engines for the same job; pick one")
-    try:
-        import deepspeed as _  # noqa: F401
-    except ImportError:
-        if ranks.world > 1:
-            zero.require()
+    if ranks.world > 1:
+        zero.require()
+    if not zero.available():
         say(f"--deepspeed {deepspeed}: DeepSpeed is not installed; one process has nothing to "
             "shard, so the built-in loop trains with the same settings")
         return None
@@ -379,8 +377,6 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         _check_deepspeed(cfg, partitioned)
     if (ds is not None or fsdp) and ranks.world == 1:
         parallel.init_single()
-    if ds is not None:
-        zero.init_distributed()
     model = load_for_training(cfg, model_path, device, dtype)
     if cfg.replay_general:
         if not ranks.main:
@@ -400,7 +396,10 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if plan:
         say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
                                "; that is over budget: lower max_length or use qlora"))
-    root = parallel.LossModule(model, lambda m, b: loss_sum(m, b, fast)) if fsdp else None
+    def loss_of(m: Any, b: dict) -> torch.Tensor:  # what the FSDP root or DeepSpeed's engine returns
+        return loss_sum(m, b, fast)
+
+    root = parallel.LossModule(model, loss_of) if fsdp else None
     if root is not None:
         parallel.shard(root, recompute.decoder_layers(model), ranks)
     named = trainable_parameters(model)
@@ -426,7 +425,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         raise room or UserError("rank 0 found no room for the checkpoints (its error is above)")
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
-    engine = zero.wrap(model, lambda m, b: loss_sum(m, b, fast), optimizer, ds) if ds is not None else None
+    engine = zero.wrap(model, loss_of, optimizer, ds) if ds is not None else None
     start = 0
     if ckpt is not None:
         if engine is not None:

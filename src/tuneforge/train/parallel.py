@@ -35,8 +35,19 @@ def init() -> Ranks:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(ranks.local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend())
     return ranks
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_single() -> None:
@@ -44,11 +55,9 @@ def init_single() -> None:
     rank variables DeepSpeed would go looking for MPI (XTuner's "No module named 'mpi4py'")."""
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    dist.init_process_group(backend())
 
 
 class LossModule(torch.nn.Module):

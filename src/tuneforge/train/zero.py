@@ -11,6 +11,7 @@ one-process format, so they resume on any number of ranks, with or without DeepS
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.train import parallel
 from tuneforge.train.parallel import LossModule
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config" / "deepspeed"
@@ -82,27 +84,24 @@ def stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def available() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def require() -> None:
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as err:
+    if not available():
         raise UserError("--deepspeed needs DeepSpeed: pip install 'tuneforge[deepspeed]' "
-                        "(or train with --fsdp, which needs nothing more than PyTorch)") from err
-
-
-def init_distributed() -> None:
-    """Hand DeepSpeed the process group tuneforge made (parallel.init or init_single)."""
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
+                        "(or train with --fsdp, which needs nothing more than PyTorch)")
 
 
 def wrap(model: torch.nn.Module, loss_fn: Callable[[Any, dict], torch.Tensor],
          optimizer: torch.optim.Optimizer, ds: dict[str, Any]) -> Any:
-    """The DeepSpeed engine around MODEL (whose forward now returns LOSS_FN's loss)."""
+    """The DeepSpeed engine around MODEL (whose forward now returns LOSS_FN's loss). Call with
+    the process group made (parallel.init or init_single): DeepSpeed then takes it, and never
+    goes looking for MPI."""
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend=parallel.backend(), auto_mpi_discovery=False, verbose=False)
     engine, *_ = deepspeed.initialize(model=LossModule(model, loss_fn), optimizer=optimizer, config=ds)
     return engine
 
@@ -146,8 +145,8 @@ def load_full_state(engine: Any, params: dict[str, torch.nn.Parameter], weights:
             engine.optimizer._lazy_init_hp_params_optimizer_state()
     for i, (name, p) in enumerate(params.items()):
         safe_set_full_fp32_param(p, weights[name].to(p.device))
-        for k in MOMENTS:
-            if i in state:
+        if i in state:
+            for k in MOMENTS:
                 safe_set_full_optimizer_state(p, state[i][k].to(p.device), k)
     for group in client.param_groups:  # as optimizer.load_state_dict would: the lr of the next step
         group["lr"] = optim["param_groups"][0]["lr"]
