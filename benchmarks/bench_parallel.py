@@ -13,6 +13,11 @@ tokens/s is from the training log: all ranks' tokens over the wall time of the s
 --warmup, summed (single steps vary by +-15% with the rows' lengths). Each rank trains accumulative_counts rows of --seq
 tokens per step, so N ranks train N times the tokens of one per step (weak scaling, the way a
 user adds GPUs). Scaling = tokens/s on N GPUs / tokens/s on one, same engine.
+
+fsdp-lora-1xN runs N unrelated one-GPU trainings at once, one per GPU, and sums them: what the host
+gives N GPUs that never talk to each other (they share its CPUs, memory and power), the ceiling
+for any data-parallel engine here. --profile adds `tuneforge train --profile`: the table then
+says how much of each step rank 0's GPU ran kernels (below 100%: it waited for the CPU side).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Run:
     engine: str  # "zero2" | "zero3" | "fsdp" | "builtin"
     method: str  # "lora" | "full"
     gpus: int
+    copies: int = 1  # >1: that many independent one-GPU runs at once, one per GPU
 
     @property
     def flags(self) -> list[str]:
@@ -58,6 +64,9 @@ def runs_for(n: int) -> dict[str, Run]:
             out[f"{engine}-lora-{gpus}"] = Run(engine, "lora", gpus)
     for engine in ("zero3", "fsdp"):
         out[f"{engine}-full-{n}"] = Run(engine, "full", n)
+    # The host's own ceiling: N unrelated one-GPU runs at the same time share its CPUs, memory and
+    # power, with no communication between them. Data parallelism cannot beat their sum.
+    out[f"fsdp-lora-1x{n}"] = Run("fsdp", "lora", 1, copies=n)
     return out
 
 
@@ -81,43 +90,60 @@ def write_config(path: Path, model: Path, data: Path, run: Run, args: argparse.N
 
 
 def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
-    work = args.scratch / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     cfg = args.scratch / f"{name}.py"
     write_config(cfg, args.model, args.data, run, args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NPROC_PER_NODE": str(run.gpus)}
+    works, procs = [], []
     t0 = time.time()
-    # its own process group, so that a run that hangs takes its ranks with it when it is killed
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work),
-                             "--no-progress", *run.flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        print(f"  {name}: no result in {args.timeout}s\n" + stderr[-3000:], flush=True)
-        return None
+    for copy in range(run.copies):
+        work = args.scratch / (name if run.copies == 1 else f"{name}.{copy}")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        if run.copies > 1:
+            env = {**env, "CUDA_VISIBLE_DEVICES": str(copy)}
+        # its own process group, so that a run that hangs takes its ranks with it when it is killed
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(work), "--no-progress",
+             *run.flags, *(["--profile"] if args.profile else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True))
+        works.append(work)
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=max(1, args.timeout - (time.time() - t0))))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            print(f"  {name}: no result in {args.timeout}s\n" + proc.communicate()[1][-3000:], flush=True)
+            return None
     wall = time.time() - t0
-    said = [x for x in stdout.splitlines() + stderr.splitlines() if x.startswith("[tuneforge]")]
-    for line in said:
-        print("  " + line, flush=True)
-    log = work / "train_log.jsonl"
-    steps = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-    steps = [r for r in steps if "tokens_per_s" in r]
-    if proc.returncode != 0 or len(steps) < args.steps:
-        print(f"  {name} failed (exit {proc.returncode}):\n" + stderr[-4000:], flush=True)
-        return None
-    timed = steps[args.warmup:]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
-    return {"run": name, "engine": run.engine, "method": run.method, "gpus": run.gpus,
-            "tokens_per_s": round(sum(r["tokens"] for r in timed) / seconds, 1),
-            "tokens_per_step": timed[0]["tokens"],
+    rows = []
+    for proc, work, (stdout, stderr) in zip(procs, works, outputs, strict=True):
+        said = [x for x in stdout.splitlines() + stderr.splitlines() if x.startswith("[tuneforge]")]
+        for line in said:
+            print("  " + line, flush=True)
+        log = work / "train_log.jsonl"
+        records = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+        steps = [r for r in records if "tokens_per_s" in r]
+        if proc.returncode != 0 or len(steps) < args.steps:
+            print(f"  {name} failed (exit {proc.returncode}):\n" + stderr[-4000:], flush=True)
+            return None
+        timed = steps[args.warmup:]
+        seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+        rows.append({"tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "steps": steps,
+                     "profile": next((r["profile"] for r in records if "profile" in r), None),
+                     "setup": [x[12:] for x in said if "model:" in x or "recompute" in x or "fast path" in x]})
+    steps = rows[0]["steps"]
+    return {"run": name, "engine": run.engine, "method": run.method, "gpus": run.gpus * run.copies,
+            "copies": run.copies, "steps": args.steps, "date": datetime.date.today().isoformat(),
+            "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows), 1),
+            "per_copy_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rows] if run.copies > 1 else None,
+            "tokens_per_step": steps[args.warmup]["tokens"],
             "peak_gib": max((r.get("peak_gib") or 0) for r in steps) or None,
             "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]],
             "step_tokens_per_s": [r["tokens_per_s"] for r in steps], "wall_s": round(wall, 1),
-            "setup": [x[12:] for x in said if "model:" in x or "recompute" in x or "fast path" in x]}
+            "profile": rows[0]["profile"], "setup": rows[0]["setup"]}
 
 
 def write_results(rows: list[dict], meta: dict, out: Path) -> None:
@@ -125,6 +151,8 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     for r in rows:
         base = one.get((r["engine"], r["method"]))
         r["scaling"] = round(r["tokens_per_s"] / base, 3) if base and r["gpus"] > 1 else None
+        busy = r.get("profile")
+        r["gpu_busy"] = f"{100 * busy['gpu_ms'] / busy['wall_ms']:.0f}%" if busy and busy["gpu_ms"] else None
     results = out / "results.json"
     payload = json.loads(results.read_text()) if results.is_file() else {}
     payload["parallel"] = {"meta": meta, "runs": rows}
@@ -133,12 +161,14 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
              f"(random weights), {meta['seq']}-token packed rows, {meta['accumulation']} rows per rank per "
              f"step, tokens over time of steps {meta['warmup'] + 1}-{meta['steps']}; torch {meta['torch']}, "
              f"deepspeed {meta['deepspeed']}.", f"Command: `{meta['command']}`", "",
-             "| run | engine | method | GPUs | tokens/s | scaling vs 1 GPU | peak GiB (rank 0) | loss first -> last |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | engine | method | GPUs | tokens/s | scaling vs 1 GPU | GPU busy (rank 0) | peak GiB (rank 0) "
+             "| loss first -> last | steps | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['engine']} | {r['method']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | "
-                     f"{str(r['scaling']) + 'x' if r['scaling'] else ''} | {r['peak_gib'] or ''} | "
-                     f"{r['loss_first_last'][0]:.3f} -> {r['loss_first_last'][1]:.3f} |")
+                     f"{str(r['scaling']) + 'x' if r['scaling'] else ''} | {r.get('gpu_busy') or ''} | "
+                     f"{r['peak_gib'] or ''} | {r['loss_first_last'][0]:.3f} -> {r['loss_first_last'][1]:.3f} | "
+                     f"{r.get('steps', '')} | {r.get('date', '')} |")
     md = out / "RESULTS.md"
     text = md.read_text() if md.is_file() else "# Benchmark results\n"
     if "<!-- parallel:begin -->" not in text:
@@ -161,6 +191,7 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/tuneforge-bench-parallel"))
     ap.add_argument("--timeout", type=int, default=300, help="seconds per run")
     ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--profile", action="store_true", help="pass --profile: how busy each run keeps its GPU")
     args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
         sys.exit(f"bench_parallel.py needs {args.gpus} CUDA GPUs")
@@ -174,6 +205,7 @@ def main() -> None:
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, args.model / f.name)
     args.scratch.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     args.data = args.scratch / "data.jsonl"
     write_data(args.data, 64 * args.accumulation * args.gpus)
     meta = {"gpu": torch.cuda.get_device_name(), "gpus": args.gpus, "date": datetime.date.today().isoformat(),

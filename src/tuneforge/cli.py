@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from tuneforge.train.loop import train
 
     train(cfg, work_dir, resume=args.resume, deepspeed=args.deepspeed, progress=not args.no_progress,
-          fsdp=args.fsdp)
+          fsdp=args.fsdp, profile=args.profile)
 
 
 def cmd_pth_to_hf(args: argparse.Namespace) -> None:
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--fsdp", action="store_true",
                    help="with several ranks: shard weights, gradients and optimizer state (PyTorch FSDP2)")
+    s.add_argument("--profile", action="store_true",
+                   help="record steps 3-5 with torch.profiler: how busy the GPU is, and where the time goes")
     s.add_argument("--launcher", choices=["none", "slurm"], default="none",
                    help="slurm: this process is one task started by srun (NPROC_PER_NODE is for torchrun)")
     s.set_defaults(func=cmd_train)

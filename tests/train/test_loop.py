@@ -140,3 +140,12 @@ def test_checkpoints_kept_counts_what_will_be_on_disk(tiny_model_dir, identity_d
     assert kept(10, save_steps=100, save_total_limit=2) == 1  # the last one
     assert kept(10, save_steps=100, save_last=False) == 0  # nothing to make room for
     assert kept(1000, save_steps=10, save_total_limit=-1) == 3
+
+
+def test_a_bf16_full_fine_tune_warns_that_small_updates_round_away(tiny_model_dir, identity_data, tmp_path, capsys):
+    cfg = tiny_config(tiny_model_dir, identity_data, method="full", dtype="bfloat16", max_steps=1, save_steps=100)
+    train(cfg, tmp_path / "w", progress=False)
+    assert "below bf16's precision" in capsys.readouterr().out
+    fp32 = tiny_config(tiny_model_dir, identity_data, method="full", max_steps=1, save_steps=100)
+    train(fp32, tmp_path / "f", progress=False)
+    assert "bf16's precision" not in capsys.readouterr().out

@@ -70,10 +70,18 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
-        self.sync_last_only = False  # FSDP: reduce gradients after the last micro-batch only
+        self.sync_last_only = False  # FSDP with adapters: see accumulating()
 
     def forward(self, **batch: Any) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
+
+    def accumulating(self, more: bool) -> None:
+        """FSDP with adapters, before each micro-batch (MORE: others follow in this step): keep
+        the gathered adapters and their unreduced gradients until the last one, so a step does
+        one all-gather and one reduce-scatter, not one per micro-batch."""
+        if self.sync_last_only:
+            self.set_requires_gradient_sync(not more)
+            self.set_reshard_after_backward(not more)
 
 
 def device(ranks: Ranks) -> torch.device:
@@ -146,8 +154,8 @@ def shard(root: LossModule, layers: list[torch.nn.Module], ranks: Ranks) -> None
     frozen base stays whole on every rank: it has no gradients or optimizer state to shard, and
     gathering it twice per micro-batch costs more bandwidth than training saves (measured on two
     H200s: 1.44x the one-GPU speed instead of ~2x). Only the adapters, their gradients and AdamW's
-    state are sharded; they stay gathered from forward to backward, and their gradients are
-    reduced once per optimizer step."""
+    state are sharded; they stay gathered through all micro-batches of a step (see
+    LossModule.accumulating), and their gradients are reduced once per optimizer step."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
