@@ -149,3 +149,25 @@ def test_a_bf16_full_fine_tune_warns_that_small_updates_round_away(tiny_model_di
     fp32 = tiny_config(tiny_model_dir, identity_data, method="full", max_steps=1, save_steps=100)
     train(fp32, tmp_path / "f", progress=False)
     assert "bf16's precision" not in capsys.readouterr().out
+
+
+def test_a_full_fine_tune_with_bf16_compute_does_not_lose_small_updates(tiny_model_dir, identity_data, tmp_path,
+                                                                         monkeypatch):
+    """At lr 2e-5 AdamW moves each weight by ~2e-5; the tiny model's weights (std 0.3) are spaced
+    ~1e-3 apart in bf16, so bf16 weights keep almost none of it; fp32 master weights keep all."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models import load
+
+    monkeypatch.setattr(load, "pick_dtype",  # as on a GPU with bf16
+                        lambda setting, device: torch.bfloat16 if setting == "auto" else getattr(torch, setting))
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    moved = {}
+    for dtype in ("auto", "bfloat16"):
+        cfg = tiny_config(tiny_model_dir, identity_data, method="full", dtype=dtype, lr=2e-5, max_steps=3,
+                          save_steps=3)
+        weights = load_checkpoint(train(cfg, tmp_path / dtype, progress=False))["state_dict"]
+        changed = [(w.float() != start[n].to(w.dtype).float()).float().mean().item() for n, w in weights.items()]
+        moved[dtype] = (sum(changed) / len(changed), {w.dtype for w in weights.values()})
+    assert moved["auto"][1] == {torch.float32} and moved["auto"][0] > 0.95, moved
+    assert moved["bfloat16"][1] == {torch.bfloat16} and moved["bfloat16"][0] < 0.2, moved

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from tuneforge.models.load import cpu_has_fast_bf16
+from tuneforge.train.checkpoint import load_checkpoint
 from tuneforge.train.launch import first_host, torchrun_command
 from tuneforge.train.parallel import free_port
 
@@ -133,6 +136,23 @@ def test_qlora_and_full_on_two_ranks_match_one_process(bundled_path, reference, 
                        + f"method = {method!r}\n")
         runs.append(_train(cfg, tmp_path / f"{method}{nproc}", nproc, *flags))
     _close(runs[1], runs[0])
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 autocast needs a CPU with native bf16")
+def test_full_fsdp2_with_bf16_compute_keeps_fp32_master_weights(bundled_path, reference, tmp_path):
+    """dtype='auto' with bf16 compute: the sharded weights stay fp32 and are gathered in bf16
+    (FSDP2's mixed precision), against one process computing in bf16 under autocast."""
+    _, data, _ = reference
+    runs = []
+    for nproc, accumulation, flags in ((1, 2, []), (2, 1, ["--fsdp"])):
+        cfg = _config(tmp_path, bundled_path, data, accumulation)
+        cfg.write_text(cfg.read_text().replace("max_steps = 10", "max_steps = 3").replace("lr = 1e-3", "lr = 1e-5")
+                       .replace("dtype = 'float32'", "dtype = 'auto'") + "method = 'full'\n")
+        runs.append(_train(cfg, tmp_path / f"w{nproc}", nproc, *flags))
+    for a, b in zip(runs[1], runs[0], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-2 * abs(b["loss"]), (a, b)
+    weights = load_checkpoint(tmp_path / "w2" / "iter_3.pth")["state_dict"]
+    assert {w.dtype for w in weights.values()} == {torch.float32}
 
 
 def test_torchrun_only_when_asked(monkeypatch):

@@ -48,6 +48,22 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def training_dtypes(setting: str, device: torch.device, method: str,
+                    master_weights_elsewhere: bool = False) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype the weights are kept in, autocast dtype or None) for training.
+
+    A full fine-tune updates the weights themselves, and bf16 keeps 8 significant bits: a weight
+    of 0.02 moves in steps of ~1.2e-4 while AdamW changes it by about lr (2e-5) per step, so most
+    updates would round away. With dtype='auto' its weights stay fp32 (the master copy) and the
+    matmuls run in bf16 under autocast, as on a CPU. DeepSpeed keeps fp32 master weights of its
+    own (MASTER_WEIGHTS_ELSEWHERE), and adapters (LoRA, QLoRA) are fp32 already.
+    """
+    dtype, amp = pick_dtype(setting, device), autocast_dtype(setting, device)
+    if method == "full" and setting == "auto" and dtype == torch.bfloat16 and not master_weights_elsewhere:
+        return torch.float32, torch.bfloat16
+    return dtype, amp
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

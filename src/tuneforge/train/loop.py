@@ -35,11 +35,10 @@ from tuneforge.fast import attention, recompute
 from tuneforge.fast.path import FastPath, enable, plan_recompute
 from tuneforge.fast.path import loss_sum as fast_loss_sum
 from tuneforge.models.load import (
-    autocast_dtype,
     load_model,
     load_tokenizer,
     pick_device,
-    pick_dtype,
+    training_dtypes,
 )
 from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
@@ -319,14 +318,14 @@ def _warn_few_steps(rows: TrainRows, cfg: Config, world: int = 1) -> None:
 
 
 def _warn_lost_updates(cfg: Config, dtype: torch.dtype, deepspeed: bool) -> None:
-    """A full fine-tune updates the weights themselves. In bf16 (8 significant bits) a weight of
-    0.02 moves in steps of ~1.2e-4, and AdamW's per-step change is about lr: at lr 2e-5 most
-    updates round to nothing (measured: 7B-shaped model, 6 steps, loss 12.3 -> 9.1 in bf16 under
-    FSDP2 against 12.3 -> 4.0 under ZeRO-3, which keeps fp32 master weights)."""
+    """dtype='bfloat16' asks a full fine-tune to update bf16 weights: less memory, but most of
+    AdamW's updates round away (models.load.training_dtypes; measured on the 7B-shaped model, 6
+    steps: loss 12.3 -> 9.1 with bf16 weights under FSDP2, 12.3 -> 4.0 under ZeRO-3's fp32
+    master weights)."""
     if cfg.method == "full" and dtype == torch.bfloat16 and not deepspeed:
         say(f"warning: full fine-tune of bf16 weights: AdamW updates of about lr={cfg.lr:g} are below "
-            "bf16's precision for most weights and round away, so it learns slowly; use --deepspeed "
-            "deepspeed_zero2 (fp32 master weights) or dtype='float32'")
+            "bf16's precision for most weights and round away, so it learns slowly; dtype='auto' keeps "
+            "fp32 master weights (bf16 compute), as does --deepspeed")
 
 
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
@@ -383,8 +382,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         shutil.copyfile(cfg._source, kept)
 
     device = parallel.device(ranks) if ranks.world > 1 else pick_device()
-    dtype = pick_dtype(cfg.dtype, device)
-    amp = autocast_dtype(cfg.dtype, device)
+    dtype, amp = training_dtypes(cfg.dtype, device, cfg.method, master_weights_elsewhere=ds_file is not None)
     ds = zero.fill_auto(*ds_file, cfg, ranks.world, dtype) if ds_file else None
     partitioned = ds is not None and zero.stage(ds) == 3
     if ds is not None:
@@ -416,7 +414,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
 
     root = parallel.LossModule(model, loss_of) if fsdp else None
     if root is not None:
-        parallel.shard(root, recompute.decoder_layers(model), ranks)
+        parallel.shard(root, recompute.decoder_layers(model), ranks, compute=amp)
     named = trainable_parameters(model)
     params = list(named.values())
     n_train = sum(p.numel() for p in params)

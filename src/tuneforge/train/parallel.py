@@ -146,24 +146,32 @@ def _comm_device() -> torch.device:
 
 # ---------------------------------------------------------------- FSDP2: weights sharded too
 
-def shard(root: LossModule, layers: list[torch.nn.Module], ranks: Ranks) -> None:
+def shard(root: LossModule, layers: list[torch.nn.Module], ranks: Ranks,
+          compute: torch.dtype | None = None) -> None:
     """PyTorch FSDP2: each decoder layer is one unit (gathered for its forward and backward), the
     rest (embeddings, final norm, head) is the root unit.
 
-    A full fine-tune shards everything and reshards after each forward. With adapters (LoRA), the
-    frozen base stays whole on every rank: it has no gradients or optimizer state to shard, and
-    gathering it twice per micro-batch costs more bandwidth than training saves (measured on two
-    H200s: 1.44x the one-GPU speed instead of ~2x). Only the adapters, their gradients and AdamW's
-    state are sharded; they stay gathered through all micro-batches of a step (see
-    LossModule.accumulating), and their gradients are reduced once per optimizer step."""
+    A full fine-tune shards everything and reshards after each forward. Its fp32 master weights
+    (see models.load.training_dtypes) are gathered in COMPUTE (bf16) when that is given, which
+    halves the traffic, and its gradients are reduced in fp32.
+
+    With adapters (LoRA), the frozen base stays whole on every rank: it has no gradients or
+    optimizer state to shard, and gathering it twice per micro-batch costs more bandwidth than
+    training saves (measured on two H200s: 1.44x the one-GPU speed instead of ~2x). Only the
+    adapters, their gradients and AdamW's state are sharded; they stay gathered through all
+    micro-batches of a step (see LossModule.accumulating), and their gradients are reduced once
+    per optimizer step."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (ranks.world,))
     adapters = any(not p.requires_grad for p in root.parameters())
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) \
+        if compute is not None and not adapters else MixedPrecisionPolicy()
     for unit in [*layers, root]:
         frozen = {p for p in unit.parameters() if not p.requires_grad} if adapters else None
-        fully_shard(unit, mesh=mesh, reshard_after_forward=not adapters, ignored_params=frozen)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=not adapters, ignored_params=frozen,
+                    mp_policy=policy)
     root.sync_last_only = adapters
 
 
