@@ -1,14 +1,17 @@
-"""What the loop writes besides checkpoints: the jsonl log, evaluation answers, the loss plot."""
+"""What the loop writes besides checkpoints: the jsonl log, evaluation answers (with the identity
+guard's check), the loss plot."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tuneforge.chat.engine import Sampling, generate_batch
 from tuneforge.data.templates import Template
+from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
 
 
 class JsonlLog:
@@ -43,6 +46,42 @@ def write_eval(path: Path, step: int, answers: list[dict[str, str]]) -> str:
     with path.open("a", encoding="utf-8") as f:
         f.write(block + "\n")
     return block
+
+
+class Evaluation:
+    """Called with a step number: answers the config's evaluation_inputs (printed and written to
+    PATH) and, with identity_guard, the guard's general and identity questions, warning when the
+    new identity leaks into general answers. Does nothing where not ENABLED (other ranks; sharded
+    weights, where generating would need every rank)."""
+
+    def __init__(self, cfg: Any, model: Any, tokenizer: Any, template: Template, log: Any, path: Path,
+                 say: Callable[[str], None], enabled: bool = True) -> None:
+        self.cfg, self.model, self.tokenizer, self.template = cfg, model, tokenizer, template
+        self.log, self.path, self.say = log, path, say
+        self.guard = GUARD_GENERAL + GUARD_IDENTITY if cfg.identity_guard else []
+        self.enabled = enabled and bool(cfg.evaluation_inputs or self.guard)
+        self.baseline: int | None = None  # general/identity word overlap before training
+
+    def __call__(self, step: int) -> None:
+        if not self.enabled:
+            return
+        asked = self.cfg.evaluation_inputs
+        answers = evaluate(self.model, self.tokenizer, self.template, asked + self.guard, self.cfg.SYSTEM,
+                           self.cfg.evaluation_max_new_tokens)
+        if asked:
+            self.say(write_eval(self.path, step, answers[:len(asked)]))
+        self.log.write({"step": step, "eval": answers})
+        if not self.guard:
+            return
+        general = [a["answer"] for a in answers[len(asked):][:len(GUARD_GENERAL)]]
+        identity = [a["answer"] for a in answers[-len(GUARD_IDENTITY):]]
+        if self.baseline is None:
+            self.baseline = overlap(general, identity)
+        leaked = leaks(general, identity, self.baseline)
+        if leaked:
+            self.say(f"warning: step {step}: the identity leaks into answers to general questions "
+                     f"({leaked[0][:60]!r}); mix in general data (replay_general=True) or train less")
+            self.log.write({"step": step, "identity_leak": leaked})
 
 
 def plot_loss(log: list[dict[str, Any]], out: Path) -> Path | None:

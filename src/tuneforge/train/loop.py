@@ -30,7 +30,6 @@ from tuneforge.data.pack import Row
 from tuneforge.data.replay import build_replay, replay_path
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
-from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
 from tuneforge.fast import attention, recompute
 from tuneforge.fast.path import FastPath, enable, plan_recompute
 from tuneforge.fast.path import loss_sum as fast_loss_sum
@@ -53,7 +52,7 @@ from tuneforge.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tuneforge.train.hooks import JsonlLog, evaluate, plot_loss, write_eval
+from tuneforge.train.hooks import Evaluation, JsonlLog, plot_loss
 from tuneforge.train.optim import build_optimizer, build_scheduler, state_bytes
 from tuneforge.train.profile import StepProfiler
 
@@ -328,6 +327,40 @@ def _warn_lost_updates(cfg: Config, dtype: torch.dtype, deepspeed: bool) -> None
             "fp32 master weights (bf16 compute), as does --deepspeed")
 
 
+def _check_room(work_dir: Path, params: list[torch.nn.Parameter], cfg: Config, steps: int,
+                ranks: parallel.Ranks) -> None:
+    """Room on disk for the checkpoints this run keeps. Rank 0 checks, every rank stops: an error
+    on one rank alone leaves the others waiting forever in their next collective."""
+    room = None
+    if ranks.main:
+        try:
+            check_space(work_dir, checkpoint_bytes(params), checkpoints_kept(cfg, steps))
+        except UserError as err:
+            room = err
+    if parallel.anyone(room is not None, ranks):
+        raise room or UserError("rank 0 found no room for the checkpoints (its error is above)")
+
+
+def _restore(ckpt: dict[str, Any], engine: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+             named: dict[str, torch.nn.Parameter], fsdp: bool, cfg: Config, ranks: parallel.Ranks) -> int:
+    """Optimizer, schedule and random state from CKPT (the weights are in already); returns the
+    step to go on from. The checkpoint is in the one-process format whatever wrote it."""
+    if engine is not None:
+        zero.load_full_state(engine, named, ckpt["state_dict"], ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(parallel.sharded_optimizer_state(ckpt["optimizer"], list(named.values()))
+                                  if fsdp else ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    say(f"resumed from step {ckpt['step']}")
+    before = ckpt.get("world_size", 1) * ckpt["config"]["accumulative_counts"]
+    if before != ranks.world * cfg.accumulative_counts:
+        say(f"warning: the checkpoint trained {before} micro-batches per step (ranks x "
+            f"accumulative_counts), this run {ranks.world * cfg.accumulative_counts}; the data "
+            "order and the loss scale change from here on")
+    return ckpt["step"]
+
+
 def train(cfg: Config, work_dir: Path, resume: str | bool | None = None,
           deepspeed: str | None = None, progress: bool = True, fsdp: bool = False,
           profile: bool = False) -> Path | None:
@@ -426,64 +459,18 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
         + (f"; {ranks.world} rank(s), {engine_name}" if ranks.world > 1 or ds is not None or fsdp else ""))
 
     steps = total_steps(len(rows), cfg, ranks.world)
-    # Rank 0 checks, every rank stops: an error on one rank alone leaves the others waiting forever
-    # in their next collective.
-    room = None
-    if ranks.main:
-        try:
-            check_space(work_dir, checkpoint_bytes(params), checkpoints_kept(cfg, steps))
-        except UserError as err:
-            room = err
-    if parallel.anyone(room is not None, ranks):
-        raise room or UserError("rank 0 found no room for the checkpoints (its error is above)")
+    _check_room(work_dir, params, cfg, steps, ranks)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio)
     engine = zero.wrap(model, loss_of, optimizer, ds) if ds is not None else None
-    start = 0
-    if ckpt is not None:
-        if engine is not None:
-            zero.load_full_state(engine, named, ckpt["state_dict"], ckpt["optimizer"])
-        else:
-            optimizer.load_state_dict(parallel.sharded_optimizer_state(ckpt["optimizer"], params)
-                                      if fsdp else ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
-        say(f"resumed from step {start}")
-        before = ckpt.get("world_size", 1) * ckpt["config"]["accumulative_counts"]
-        if before != ranks.world * cfg.accumulative_counts:
-            say(f"warning: the checkpoint trained {before} micro-batches per step (ranks x "
-                f"accumulative_counts), this run {ranks.world * cfg.accumulative_counts}; the data "
-                "order and the loss scale change from here on")
+    start = _restore(ckpt, engine, optimizer, scheduler, named, fsdp, cfg, ranks) if ckpt is not None else 0
     if not fsdp and engine is None:  # (DeepSpeed broadcasts rank 0's weights itself)
         parallel.broadcast_parameters(params, ranks)
 
     log = JsonlLog(work_dir / "train_log.jsonl") if ranks.main else _NoLog()
-    eval_file = work_dir / "eval_outputs.txt"
-
-    guard_baseline: list[int] = []
-
-    def run_eval(step: int) -> None:
-        guard = GUARD_GENERAL + GUARD_IDENTITY if cfg.identity_guard else []
-        # With sharded weights every forward is a collective: rank 0 cannot generate alone.
-        if not cfg.evaluation_inputs and not guard or not ranks.main or fsdp or partitioned:
-            return
-        answers = evaluate(model, tokenizer, template, cfg.evaluation_inputs + guard, cfg.SYSTEM,
-                           cfg.evaluation_max_new_tokens)
-        shown = answers[:len(cfg.evaluation_inputs)]
-        if shown:
-            say(write_eval(eval_file, step, shown))
-        log.write({"step": step, "eval": answers})
-        if guard:
-            general = [a["answer"] for a in answers[len(cfg.evaluation_inputs):][:len(GUARD_GENERAL)]]
-            identity = [a["answer"] for a in answers[-len(GUARD_IDENTITY):]]
-            if not guard_baseline:
-                guard_baseline.append(overlap(general, identity))
-            leaked = leaks(general, identity, guard_baseline[0])
-            if leaked:
-                say(f"warning: step {step}: the identity leaks into answers to general questions "
-                    f"({leaked[0][:60]!r}); mix in general data (replay_general=True) or train less")
-                log.write({"step": step, "identity_leak": leaked})
+    # With sharded weights every forward is a collective: rank 0 cannot generate alone.
+    run_eval = Evaluation(cfg, model, tokenizer, template, log, work_dir / "eval_outputs.txt", say,
+                          enabled=ranks.main and not fsdp and not partitioned)
 
     if start == 0:
         log.write({"event": "start", "steps": steps, "rows": len(rows), "data": stats.__dict__})
