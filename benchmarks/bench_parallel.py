@@ -118,6 +118,7 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
             print(f"  {name}: no result in {args.timeout}s\n" + proc.communicate()[1][-3000:], flush=True)
             return None
     wall = time.time() - t0
+    skip = max(args.warmup, 5) if args.profile else args.warmup  # the profiler slows steps 3-5
     rows = []
     for proc, work, (stdout, stderr) in zip(procs, works, outputs, strict=True):
         said = [x for x in stdout.splitlines() + stderr.splitlines() if x.startswith("[tuneforge]")]
@@ -129,7 +130,7 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
         if proc.returncode != 0 or len(steps) < args.steps:
             print(f"  {name} failed (exit {proc.returncode}):\n" + stderr[-4000:], flush=True)
             return None
-        timed = steps[args.warmup:]
+        timed = steps[skip:]
         seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
         rows.append({"tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "steps": steps,
                      "profile": next((r["profile"] for r in records if "profile" in r), None),
@@ -139,7 +140,7 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
             "copies": run.copies, "steps": args.steps, "date": datetime.date.today().isoformat(),
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows), 1),
             "per_copy_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rows] if run.copies > 1 else None,
-            "tokens_per_step": steps[args.warmup]["tokens"],
+            "tokens_per_step": steps[skip]["tokens"],
             "peak_gib": max((r.get("peak_gib") or 0) for r in steps) or None,
             "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]],
             "step_tokens_per_s": [r["tokens_per_s"] for r in steps], "wall_s": round(wall, 1),
@@ -191,7 +192,8 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/tuneforge-bench-parallel"))
     ap.add_argument("--timeout", type=int, default=300, help="seconds per run")
     ap.add_argument("--out", type=Path, default=HERE)
-    ap.add_argument("--profile", action="store_true", help="pass --profile: how busy each run keeps its GPU")
+    ap.add_argument("--profile", action="store_true",
+                    help="pass --profile: how busy each run keeps its GPU (steps 1-5 are then left out of tokens/s)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
         sys.exit(f"bench_parallel.py needs {args.gpus} CUDA GPUs")
