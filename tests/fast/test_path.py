@@ -130,3 +130,11 @@ def test_recomputed_layers_give_the_same_gradients(tiny_model_dir, offload):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_engine_holds_two_gathered_layers_in_the_compute_dtype():
+    from tuneforge.fast.path import gathered_bytes
+
+    layer = torch.nn.Linear(10, 10)  # 110 fp32 parameters
+    assert gathered_bytes(layer, torch.bfloat16) == 2 * 110 * 2
+    assert gathered_bytes(layer, None) == 2 * 110 * 4

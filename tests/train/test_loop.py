@@ -171,3 +171,24 @@ def test_a_full_fine_tune_with_bf16_compute_does_not_lose_small_updates(tiny_mod
         moved[dtype] = (sum(changed) / len(changed), {w.dtype for w in weights.values()})
     assert moved["auto"][1] == {torch.float32} and moved["auto"][0] > 0.95, moved
     assert moved["bfloat16"][1] == {torch.bfloat16} and moved["bfloat16"][0] < 0.2, moved
+
+
+def test_the_memory_plan_counts_what_each_engine_leaves_on_a_gpu():
+    from tuneforge.train import zero
+    from tuneforge.train.loop import Shares, first_step_bytes, shares
+
+    cfg = tiny_config("m", "d.jsonl", method="full")
+    bf16 = [torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))]
+    # one GPU: bf16 gradients (2 bytes) and fp32 moments (8)
+    assert first_step_bytes(bf16, cfg) == 10_000
+    zero3 = shares(cfg, 2, False, zero.resolve("deepspeed_zero3")[0])
+    assert zero3 == Shares(weights=0.5, gradients=0.5, optimizer=0.5, fp32_master=True)
+    assert first_step_bytes(bf16, cfg, zero3) == 1000 + 6000  # half the gradients, moments and fp32 master
+    zero1 = shares(cfg, 2, False, zero.resolve("deepspeed_zero1")[0])
+    assert (zero1.weights, zero1.gradients, zero1.optimizer) == (1.0, 1.0, 0.5)
+    offload = shares(cfg, 4, False, zero.resolve("deepspeed_zero2_offload")[0])
+    assert first_step_bytes(bf16, cfg, offload) == 500  # the optimizer state lives on the CPU
+    assert shares(cfg, 2, True, None) == Shares(weights=0.5, gradients=0.5, optimizer=0.5)
+    lora = tiny_config("m", "d.jsonl")
+    assert shares(lora, 2, True, None).weights == 1.0  # the frozen base stays whole under FSDP2
+    assert shares(cfg, 2, False, None) == Shares()  # data parallel: every rank holds everything

@@ -76,12 +76,20 @@ def loss_sum(model: Any, batch: dict[str, Any], fast: FastPath) -> torch.Tensor:
                                 targets[labelled])
 
 
+def gathered_bytes(layer: torch.nn.Module, amp: torch.dtype | None) -> int:
+    """A sharded engine holds one decoder layer gathered whole, and prefetches the next: two
+    layers' weights, in the compute dtype they are gathered in."""
+    size = torch.finfo(amp).bits // 8 if amp is not None else None
+    return 2 * sum(p.numel() * (size or p.element_size()) for p in layer.parameters())
+
+
 def plan_recompute(model: Any, tokens: int, budget_gib: float | None, amp: torch.dtype | None,
-                   later_bytes: int) -> recompute.Plan:
+                   later_bytes: int, weight_share: float = 1.0) -> recompute.Plan:
     """Pick how many layers to recompute so that TOKENS-token micro-batches fit in BUDGET_GIB
     (default: what the GPU has, less 5%). Call with the model on the GPU and gradient
     checkpointing enabled; LATER_BYTES is what the first step will add (gradients, optimizer
-    moments). The per-layer cost is measured on a 128-token probe."""
+    moments). WEIGHT_SHARE < 1: the weights will be sharded, and each GPU keeps that part of them
+    plus the layers being gathered. The per-layer cost is measured on a 128-token probe."""
     from tuneforge.fast.cross_entropy import CHUNK_ELEMENTS
 
     lm = causal_lm(model)
@@ -104,7 +112,10 @@ def plan_recompute(model: Any, tokens: int, budget_gib: float | None, amp: torch
     budget = int(budget_gib * recompute.GIB) if budget_gib else int(0.95 * (free + torch.cuda.memory_allocated(dev)))
     # cuBLAS workspaces and small tensors the estimate does not see (measured on an H200 the
     # estimate without this was within 0.3 GiB of the real peak)
-    fixed = int(torch.cuda.memory_allocated(dev) + later_bytes + head + 0.03 * budget + (256 << 20))
+    weights = torch.cuda.memory_allocated(dev)
+    if weight_share < 1:
+        weights = weights * weight_share + gathered_bytes(layers[0], amp)
+    fixed = int(weights + later_bytes + head + 0.03 * budget + (256 << 20))
     chosen = recompute.plan(len(layers), per_token, hidden, tokens, fixed, budget)
     recompute.apply(layers, chosen.recomputed, chosen.offload)
     return chosen

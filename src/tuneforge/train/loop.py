@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from tuneforge.train.checkpoint import (
     set_rng_state,
 )
 from tuneforge.train.hooks import Evaluation, JsonlLog, plot_loss
-from tuneforge.train.optim import build_optimizer, build_scheduler, state_bytes
+from tuneforge.train.optim import build_optimizer, build_scheduler, moment_bytes
 from tuneforge.train.profile import StepProfiler
 
 MAX_BAD_STEPS_IN_A_ROW = 5
@@ -184,17 +185,51 @@ def prepare_for_training(model: Any, cfg: Config, partitioned: bool = False) -> 
     return model, enable(model, varlen=varlen, partitioned=partitioned) if cfg.fast_path else None
 
 
-def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype | None) -> Any:
+@dataclass(frozen=True)
+class Shares:
+    """The part of the weights, gradients and optimizer state (moments, and DeepSpeed's fp32
+    master copy of 16-bit weights) that each GPU holds under an engine."""
+    weights: float = 1.0
+    gradients: float = 1.0
+    optimizer: float = 1.0
+    fp32_master: bool = False
+
+
+def shares(cfg: Config, world: int, fsdp: bool, ds: dict | None) -> Shares:
+    if ds is not None:
+        stage = zero.stage(ds)
+        offloaded = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") == "cpu"
+        return Shares(weights=1 / world if stage == 3 else 1.0, gradients=1 / world if stage >= 2 else 1.0,
+                      optimizer=0.0 if offloaded else 1 / world, fp32_master=True)
+    if fsdp:  # with adapters the frozen base stays whole (parallel.shard)
+        return Shares(weights=1 / world if cfg.method == "full" else 1.0, gradients=1 / world, optimizer=1 / world)
+    return Shares()
+
+
+def plan_memory(model: Any, cfg: Config, device: torch.device, amp: torch.dtype | None,
+                part: Shares = Shares()) -> Any:
     """With gradient_checkpointing='auto': on a GPU, recompute as few layers as the memory budget
-    allows (returns the plan); on a CPU, none. Call with the whole model on its device; what the
-    optimizer will add at its first step is counted in."""
+    allows (returns the plan); on a CPU, none. Call with the whole model on its device, before
+    any sharding: PART says what each GPU will keep of it. What the optimizer adds at its first
+    step is counted in."""
     if cfg.gradient_checkpointing != "auto":
         return None
     if device.type != "cuda":
         recompute.apply(recompute.decoder_layers(model), 0)
         return None
-    later = state_bytes(list(trainable_parameters(model).values()), cfg)
-    return plan_recompute(model, cfg.max_length * cfg.batch_size, cfg.memory_budget_gib, amp, later)
+    later = first_step_bytes(list(trainable_parameters(model).values()), cfg, part)
+    return plan_recompute(model, cfg.max_length * cfg.batch_size, cfg.memory_budget_gib, amp, later,
+                          weight_share=part.weights)
+
+
+def first_step_bytes(params: list[torch.nn.Parameter], cfg: Config, part: Shares = Shares()) -> int:
+    """What the first optimizer step adds on each GPU: gradients, AdamW's moments and, under
+    DeepSpeed, the fp32 master copy of 16-bit weights, each cut to PART."""
+    grads = sum(p.numel() * p.element_size() for p in params)
+    optimizer = moment_bytes(params, cfg)
+    if part.fp32_master:
+        optimizer += sum(p.numel() * 4 for p in params if p.element_size() < 4)
+    return int(grads * part.gradients + optimizer * part.optimizer)
 
 
 def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: FastPath | None,
@@ -437,8 +472,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if ckpt is not None:  # weights first, while they are whole; the optimizer state below
         _check_resumable(ckpt, model, cfg)
         model.load_state_dict(ckpt["state_dict"], strict=False)
-    # Planned on the whole model, before any sharding: conservative when shards will be smaller.
-    plan = plan_memory(model, cfg, device, amp)
+    plan = plan_memory(model, cfg, device, amp, shares(cfg, ranks.world, fsdp, ds))
     if plan:
         say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
                                "; that is over budget: lower max_length or use qlora"))

@@ -24,10 +24,9 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def state_bytes(params: list[torch.nn.Parameter], cfg: Config) -> int:
-    """What the optimizer's moments and the gradients will take once the first step has run."""
-    per_param = 2 if cfg.optim_type == "AdamW8bit" else 2 * 4
-    return sum(p.numel() * (per_param + p.element_size()) for p in params)
+def moment_bytes(params: list[torch.nn.Parameter], cfg: Config) -> int:
+    """What the optimizer's two moments will take once the first step has run."""
+    return sum(p.numel() for p in params) * (2 if cfg.optim_type == "AdamW8bit" else 2 * 4)
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
