@@ -118,7 +118,6 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
             print(f"  {name}: no result in {args.timeout}s\n" + proc.communicate()[1][-3000:], flush=True)
             return None
     wall = time.time() - t0
-    skip = max(args.warmup, 5) if args.profile else args.warmup  # the profiler slows steps 3-5
     rows = []
     for proc, work, (stdout, stderr) in zip(procs, works, outputs, strict=True):
         said = [x for x in stdout.splitlines() + stderr.splitlines() if x.startswith("[tuneforge]")]
@@ -130,7 +129,7 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
         if proc.returncode != 0 or len(steps) < args.steps:
             print(f"  {name} failed (exit {proc.returncode}):\n" + stderr[-4000:], flush=True)
             return None
-        timed = steps[skip:]
+        timed = steps[args.warmup:]
         seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
         rows.append({"tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "steps": steps,
                      "profile": next((r["profile"] for r in records if "profile" in r), None),
@@ -140,7 +139,7 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
             "copies": run.copies, "steps": args.steps, "date": datetime.date.today().isoformat(),
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows), 1),
             "per_copy_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rows] if run.copies > 1 else None,
-            "tokens_per_step": steps[skip]["tokens"],
+            "tokens_per_step": steps[args.warmup]["tokens"],
             "peak_gib": max((r.get("peak_gib") or 0) for r in steps) or None,
             "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]],
             "step_tokens_per_s": [r["tokens_per_s"] for r in steps], "wall_s": round(wall, 1),
@@ -186,7 +185,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--accumulation", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3, help="steps left out of the median (compilation)")
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out of tokens/s (compilation)")
     ap.add_argument("--runs", default="", help="comma-separated names (default: all)")
     ap.add_argument("--model", type=Path, default=Path("/tmp/tuneforge-bench-model-internlm2.5-7b-all"))
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/tuneforge-bench-parallel"))
@@ -195,6 +194,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="pass --profile: how busy each run keeps its GPU (steps 1-5 are then left out of tokens/s)")
     args = ap.parse_args()
+    if args.profile:  # the profiler slows steps 3-5
+        args.warmup = max(args.warmup, 5)
     if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
         sys.exit(f"bench_parallel.py needs {args.gpus} CUDA GPUs")
     import deepspeed

@@ -18,6 +18,16 @@ def bundled_path() -> Path:
     return resolve_model(BUNDLED_MODEL)
 
 
+@pytest.fixture
+def bf16_gpu_dtypes(monkeypatch) -> torch.device:
+    """pick_dtype as it answers on a GPU with bf16, without one; returns a CUDA device to ask about."""
+    from tuneforge.models import load
+
+    monkeypatch.setattr(load, "pick_dtype",
+                        lambda setting, device: torch.bfloat16 if setting == "auto" else getattr(torch, setting))
+    return torch.device("cuda")
+
+
 @pytest.fixture(scope="session")
 def tokenizer(bundled_path):
     from tuneforge.models.load import load_tokenizer

@@ -152,15 +152,11 @@ def test_a_bf16_full_fine_tune_warns_that_small_updates_round_away(tiny_model_di
 
 
 def test_a_full_fine_tune_with_bf16_compute_does_not_lose_small_updates(tiny_model_dir, identity_data, tmp_path,
-                                                                         monkeypatch):
+                                                                         bf16_gpu_dtypes):
     """At lr 2e-5 AdamW moves each weight by ~2e-5; the tiny model's weights (std 0.3) are spaced
     ~1e-3 apart in bf16, so bf16 weights keep almost none of it; fp32 master weights keep all."""
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.models import load
-
-    monkeypatch.setattr(load, "pick_dtype",  # as on a GPU with bf16
-                        lambda setting, device: torch.bfloat16 if setting == "auto" else getattr(torch, setting))
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     moved = {}
     for dtype in ("auto", "bfloat16"):

@@ -79,8 +79,7 @@ def loss_sum(model: Any, batch: dict[str, Any], fast: FastPath) -> torch.Tensor:
 def gathered_bytes(layer: torch.nn.Module, amp: torch.dtype | None) -> int:
     """A sharded engine holds one decoder layer gathered whole, and prefetches the next: two
     layers' weights, in the compute dtype they are gathered in."""
-    size = torch.finfo(amp).bits // 8 if amp is not None else None
-    return 2 * sum(p.numel() * (size or p.element_size()) for p in layer.parameters())
+    return 2 * sum(p.numel() * (amp.itemsize if amp is not None else p.element_size()) for p in layer.parameters())
 
 
 def plan_recompute(model: Any, tokens: int, budget_gib: float | None, amp: torch.dtype | None,

@@ -198,9 +198,8 @@ class Shares:
 def shares(cfg: Config, world: int, fsdp: bool, ds: dict | None) -> Shares:
     if ds is not None:
         stage = zero.stage(ds)
-        offloaded = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") == "cpu"
         return Shares(weights=1 / world if stage == 3 else 1.0, gradients=1 / world if stage >= 2 else 1.0,
-                      optimizer=0.0 if offloaded else 1 / world, fp32_master=True)
+                      optimizer=0.0 if zero.offloads_optimizer(ds) else 1 / world, fp32_master=True)
     if fsdp:  # with adapters the frozen base stays whole (parallel.shard)
         return Shares(weights=1 / world if cfg.method == "full" else 1.0, gradients=1 / world, optimizer=1 / world)
     return Shares()

@@ -70,7 +70,7 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
         self.prof = torch.profiler.profile(activities=activities)
-        self.prof.__enter__()
+        self.prof.start()
         self.t0 = time.time()
 
     def after(self, step: int) -> Busy | None:
@@ -80,7 +80,7 @@ class StepProfiler:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.time() - self.t0
-        self.prof.__exit__(None, None, None)
+        self.prof.stop()
         self.out.mkdir(parents=True, exist_ok=True)
         sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = self.prof.key_averages().table(sort_by=sort, row_limit=40)

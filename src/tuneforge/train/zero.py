@@ -84,6 +84,11 @@ def stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """True when DS keeps the optimizer state in CPU memory (the _offload presets)."""
+    return (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") == "cpu"
+
+
 def available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
