@@ -120,6 +120,7 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
     wall = time.time() - t0
     rows = []
     for proc, work, (stdout, stderr) in zip(procs, works, outputs, strict=True):
+        (work / "stderr.txt").write_text(stderr)  # compiler warnings, NCCL messages
         said = [x for x in stdout.splitlines() + stderr.splitlines() if x.startswith("[tuneforge]")]
         for line in said:
             print("  " + line, flush=True)
@@ -167,7 +168,7 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     for r in rows:
         lines.append(f"| {r['run']} | {r['engine']} | {r['method']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | "
                      f"{str(r['scaling']) + 'x' if r['scaling'] else ''} | {r.get('gpu_busy') or ''} | "
-                     f"{r['peak_gib'] or ''} | {r['loss_first_last'][0]:.3f} -> {r['loss_first_last'][1]:.3f} | "
+                     f"{r['peak_gib'] or ''} | {' -> '.join(f'{x:.3f}' for x in r.get('loss_first_last', []))} | "
                      f"{r.get('steps', '')} | {r.get('date', '')} |")
     md = out / "RESULTS.md"
     text = md.read_text() if md.is_file() else "# Benchmark results\n"

@@ -45,6 +45,26 @@ def test_fused_lora_matches_peft_values_and_gradients():
         torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-5)
 
 
+def test_fused_lora_under_bf16_autocast_keeps_fp32_adapter_gradients():
+    """The adapters are fp32 and the matmuls bf16: the cast copies saved for backward and the
+    scaling folded into the GEMMs must give the exact (fp32) gradients to bf16 precision, in the
+    adapters' own dtype."""
+    model = _lora_model()
+    x = torch.randn(2, 5, 16)
+    exact = _grads(model, x)
+    fuse_lora(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(model, x)
+
+    def off(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    for name, g in exact[2].items():
+        assert got[2][name].dtype == torch.float32
+        assert off(got[2][name], g) < 2e-2, name
+    assert off(got[1], exact[1]) < 2e-2
+
+
 def test_fused_lora_dropout_gradient_uses_the_same_mask():
     model = _lora_model(dropout=0.5)
     fuse_lora(model)

@@ -47,6 +47,9 @@ def _varlen_kernel() -> tuple[Any, dict[str, Any], bool] | None:
     return varlen_attn, kw, "enable_gqa" in params
 
 
+_KERNEL: list[tuple[Any, dict[str, Any], bool] | None] = []  # filled by register()
+
+
 def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                       scale: float | None) -> torch.Tensor:
     """Per-sample SDPA: what the kernel computes, for CPUs and tests."""
@@ -71,7 +74,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       scaling=scaling, **kwargs)
     b, h, s, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
-    kernel = _varlen_kernel() if q.is_cuda else None
+    kernel = _KERNEL[0] if q.is_cuda and _KERNEL else None
     if kernel is None:
         out = _reference_varlen(q, k, v, cu, scaling)
     else:
@@ -100,6 +103,8 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    # looked up here, not inside the attention call, which a compiled layer traces
+    _KERNEL[:] = [_varlen_kernel()]
     AttentionInterface.register(NAME, varlen_attention)
     AttentionMaskInterface.register(NAME, _mask)
     return NAME

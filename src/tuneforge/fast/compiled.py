@@ -3,6 +3,7 @@
 The norm and MLP functions read and write whole activations several times when run op by op
 (fp32 upcasts, sigmoid, products); compiled, each becomes one pass over memory. On a CPU, with
 TUNEFORGE_COMPILE=0, or where compiling fails (no Triton), the same function runs eagerly.
+On a GPU the decoder layers are compiled whole as well (compile_layers).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ def on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     state: dict[str, Callable[..., Any]] = {}
 
     def call(*args: Any) -> Any:
-        if not args[0].is_cuda or os.environ.get("TUNEFORGE_COMPILE", "1") == "0":
+        if torch.compiler.is_compiling():  # inside a compiled layer: part of its graph
+            return fn(*args)
+        if not args[0].is_cuda or not compiling_allowed():
             return fn(*args)
         if "fn" not in state:
             state["fn"] = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -33,3 +36,46 @@ def on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     call.__name__ = fn.__name__
     return call
+
+
+def compile_layers(layers: list[torch.nn.Module], backend: str = "inductor") -> int:
+    """Compile each decoder layer's forward (and, through AOTAutograd, its backward) for training.
+
+    Run op by op, a 7B LoRA step launches ~30k kernels and the GPU sits idle 40% of the time
+    waiting for Python (measured with --profile on an H200); a compiled layer is a few fused
+    kernels launched from C++. The layers share their code, so one compilation serves all of
+    them. Hooks (FSDP2's gathers, recomputation) stay outside, on the module's __call__; calls
+    without gradients (generation for evaluation) run eagerly rather than compile for every new
+    shape. Returns how many layers were compiled; a compiler failure turns them all back to eager."""
+    if not layers:
+        return 0
+    # each layer is one more entry in the cache of the same code object
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 4 * len(layers))
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 8 * len(layers))
+    broken: list[str] = []
+    for layer in layers:
+        eager = layer.forward
+        fast = torch.compile(eager, backend=backend)
+
+        def forward(*args: Any, _fast: Any = fast, _eager: Any = eager, _layer: Any = layer, **kwargs: Any) -> Any:
+            if broken or not torch.is_grad_enabled() or not _layer.training:
+                return _eager(*args, **kwargs)
+            try:
+                return _fast(*args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a compiler failure means: run eagerly
+                broken.append(type(err).__name__)
+                warnings.warn(f"torch.compile of the decoder layers failed ({type(err).__name__}: "
+                              f"{str(err)[:300]}); running them eagerly (TUNEFORGE_COMPILE=0 skips compiling)",
+                              stacklevel=2)
+                return _eager(*args, **kwargs)
+
+        layer.forward = forward
+    return len(layers)
+
+
+def compiling_allowed() -> bool:
+    return os.environ.get("TUNEFORGE_COMPILE", "1") != "0"

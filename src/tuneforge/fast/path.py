@@ -22,11 +22,14 @@ class FastPath:
     mlps: int = 0
     varlen: bool = False
     linear_ce: bool = False
+    compiled_layers: int = 0
 
     def describe(self) -> str:
         parts = [f"fused LoRA x{self.lora_layers}", f"RMSNorm x{self.norms}", f"SwiGLU x{self.mlps}",
                  "chunked linear cross-entropy" if self.linear_ce else "plain cross-entropy",
                  "varlen attention" if self.varlen else "SDPA attention"]
+        if self.compiled_layers:
+            parts.append(f"compiled layers x{self.compiled_layers}")
         return "fast path: " + ", ".join(parts)
 
 

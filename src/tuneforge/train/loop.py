@@ -7,6 +7,7 @@ on from the very next micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -15,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from tuneforge.data.replay import build_replay, replay_path
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
 from tuneforge.fast import attention, recompute
+from tuneforge.fast.compiled import compile_layers, compiling_allowed
 from tuneforge.fast.path import FastPath, enable, plan_recompute
 from tuneforge.fast.path import loss_sum as fast_loss_sum
 from tuneforge.models.load import (
@@ -55,7 +58,7 @@ from tuneforge.train.checkpoint import (
 )
 from tuneforge.train.hooks import Evaluation, JsonlLog, plot_loss
 from tuneforge.train.optim import build_optimizer, build_scheduler, moment_bytes
-from tuneforge.train.profile import StepProfiler
+from tuneforge.train.profile import StepProfiler, phase
 
 MAX_BAD_STEPS_IN_A_ROW = 5
 
@@ -231,6 +234,17 @@ def first_step_bytes(params: list[torch.nn.Parameter], cfg: Config, part: Shares
     return int(grads * part.gradients + optimizer * part.optimizer)
 
 
+@contextlib.contextmanager
+def compiled_backward() -> Iterator[None]:
+    """The compiled layers' backward is compiled at the first backward pass: a failure there
+    cannot fall back to eager, so it becomes one line saying how to train without compiling."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        raise UserError(f"compiling the decoder layers' backward failed ({str(err).splitlines()[0][:200]}); "
+                        "train without compiling: TUNEFORGE_COMPILE=0 tuneforge train ...") from err
+
+
 def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: FastPath | None,
                      device: torch.device, amp: torch.dtype | None, n_labels: int,
                      scale: float = 1.0, wrapped: Any = None) -> float:
@@ -242,18 +256,23 @@ def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], fast: F
     for i, b in enumerate(batches):
         if isinstance(wrapped, parallel.LossModule):
             wrapped.accumulating(i < len(batches) - 1)
-        if fast is not None and fast.varlen:
-            b = {**b, **attention.varlen_kwargs(b["position_ids"])}
-        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with phase("data"):
+            if fast is not None and fast.varlen:
+                b = {**b, **attention.varlen_kwargs(b["position_ids"])}
+            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        with phase("forward"), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = (wrapped(**b) if wrapped is not None else loss_sum(model, b, fast)) / max(1, n_labels)
-        if wrapped is None or isinstance(wrapped, parallel.LossModule):
-            (loss * scale if scale != 1 else loss).backward()
-        else:
-            wrapped.backward(loss * scale, scale_wrt_gas=False)  # our loss is already a mean over the step
-            wrapped.step()
+        with phase("backward"), compiled_backward():
+            if wrapped is None or isinstance(wrapped, parallel.LossModule):
+                (loss * scale if scale != 1 else loss).backward()
+            else:
+                wrapped.backward(loss * scale, scale_wrt_gas=False)  # our loss is already a mean over the step
+        if wrapped is not None and not isinstance(wrapped, parallel.LossModule):
+            with phase("optimizer"):
+                wrapped.step()
         total = total + loss.detach()  # no .item() here: a sync per micro-batch stalls the GPU queue
-    return float(total)
+    with phase("reduce"):
+        return float(total)
 
 
 def _check_resumable(ckpt: dict[str, Any], model: Any, cfg: Config) -> None:
@@ -466,8 +485,6 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             parallel.barrier(ranks)
     _warn_few_steps(rows, cfg, ranks.world)
     model, fast = prepare_for_training(model, cfg, partitioned)
-    if fast:
-        say(fast.describe())
     if ckpt is not None:  # weights first, while they are whole; the optimizer state below
         _check_resumable(ckpt, model, cfg)
         model.load_state_dict(ckpt["state_dict"], strict=False)
@@ -475,6 +492,13 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if plan:
         say(plan.describe() + ("" if plan.need_gib <= plan.budget_gib else
                                "; that is over budget: lower max_length or use qlora"))
+    # after the memory plan, whose probe forward would otherwise compile for its own shapes.
+    # Not ZeRO-3 (its hooks gather weights inside the layer) nor 4-bit weights (bitsandbytes
+    # calls are opaque to the compiler) yet.
+    if fast and device.type == "cuda" and compiling_allowed() and not partitioned and cfg.method != "qlora":
+        fast.compiled_layers = compile_layers(recompute.decoder_layers(model))
+    if fast:
+        say(fast.describe())
     def loss_of(m: Any, b: dict) -> torch.Tensor:  # what the FSDP root or DeepSpeed's engine returns
         return loss_sum(m, b, fast)
 
@@ -527,24 +551,27 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
             if profiler:
                 profiler.before(step)
             t0 = time.time()
-            every_rank = micro_batches(rows, cfg, step, ranks.world)
-            n_labels = sum(labelled(b) for b in every_rank)  # the loss is a mean over all ranks' tokens
-            batches = [collate(b, tokenizer.pad_token_id) for b in every_rank[ranks.rank::ranks.world]]
+            with phase("data"):
+                every_rank = micro_batches(rows, cfg, step, ranks.world)
+                n_labels = sum(labelled(b) for b in every_rank)  # the loss is a mean over all ranks' tokens
+                batches = [collate(b, tokenizer.pad_token_id) for b in every_rank[ranks.rank::ranks.world]]
             # FSDP and DeepSpeed average gradients over ranks; each rank's loss is its part of the sum
             total = forward_backward(model, batches, fast, device, amp, n_labels,
                                      scale=ranks.world if fsdp or engine else 1, wrapped=engine or root)
-            if not fsdp and engine is None:
-                parallel.sum_gradients(params, ranks)
-            total = parallel.total(total, ranks)
-            if engine is not None:  # it clipped and stepped already (or skipped a non-finite step)
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            else:
-                grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)).item()
+            with phase("reduce"):
+                if not fsdp and engine is None:
+                    parallel.sum_gradients(params, ranks)
+                total = parallel.total(total, ranks)
+                if engine is not None:  # it clipped and stepped already (or skipped a non-finite step)
+                    grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                else:
+                    grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)).item()
             done = step + 1
             if math.isfinite(total) and math.isfinite(grad_norm):
                 bad_in_a_row = 0
                 if engine is None:
-                    optimizer.step()
+                    with phase("optimizer"):
+                        optimizer.step()
                 scheduler.step()
             else:
                 # One bad batch (overflow, a corrupt sample) must not poison the weights: skip the
@@ -560,7 +587,8 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
                         f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopped. "
                         f"Lower lr or check the data; last good checkpoint: {good or 'none yet'}")
             if engine is None:
-                optimizer.zero_grad(set_to_none=True)
+                with phase("optimizer"):
+                    optimizer.zero_grad(set_to_none=True)
 
             n_tokens = sum(len(b) * max(map(len, b)) for b in every_rank)  # as collate pads them
             tps = n_tokens / max(1e-9, time.time() - t0)
@@ -580,7 +608,8 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
                 eta = (time.time() - t_loop) / (done - start) * (steps - done)
                 say(f"step {done}/{steps} loss {total:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
 
-            stopping = parallel.anyone(stop.requested is not None, ranks)
+            with phase("reduce"):
+                stopping = parallel.anyone(stop.requested is not None, ranks)
             if done % cfg.save_steps == 0 or (done == steps and cfg.save_last) or stopping:
                 last = work_dir / f"iter_{done}.pth"
                 # gathering FSDP shards or ZeRO partitions takes every rank

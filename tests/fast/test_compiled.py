@@ -1,0 +1,96 @@
+"""Compiled decoder layers train the same model as eager ones, and fall back to eager on failure.
+
+On a GPU the layers compile with Inductor; here, on a CPU, the same tracing (Dynamo, AOTAutograd
+with our fused LoRA, norm and MLP functions inside) runs through the "aot_eager" backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from tuneforge.fast import recompute
+from tuneforge.fast.compiled import compile_layers
+from tuneforge.fast.path import enable
+from tuneforge.fast.path import loss_sum as fast_loss_sum
+
+
+def _lora_llama():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero; a non-zero B makes the test see the LoRA term
+            torch.nn.init.normal_(p, std=0.1)
+    enable(model, varlen=False)
+    return model
+
+
+def _step(model, batch):
+    model.zero_grad()
+    loss = fast_loss_sum(model, batch, enable(model, varlen=False))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _batch(seed: int, length: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (1, length), generator=g)
+    return {"input_ids": ids, "position_ids": torch.arange(length)[None], "labels": ids.clone()}
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients():
+    eager = _lora_llama()
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(recompute.decoder_layers(compiled), backend="aot_eager") == 2
+    for seed, length in ((0, 12), (1, 12), (2, 20)):  # a new length: recompiled, still equal
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            want, got = _step(eager, _batch(seed, length)), _step(compiled, _batch(seed, length))
+        assert not [w for w in seen if "running them eagerly" in str(w.message)]
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for name, g in want[1].items():
+            torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5)
+
+
+def test_calls_without_gradients_run_eagerly():
+    """Evaluation generates with new shapes at every token: it must not compile for each."""
+    model = _lora_llama()
+    calls = []
+
+    def counting(gm, inputs):
+        calls.append(1)
+        return gm.forward
+
+    compile_layers(recompute.decoder_layers(model), backend=counting)
+    with torch.no_grad():
+        model(input_ids=_batch(0)["input_ids"])
+    model.eval()
+    model(input_ids=_batch(0)["input_ids"])
+    assert calls == []
+    model.train()
+    _step(model, _batch(0))
+    assert calls  # training compiles
+
+
+def test_a_compiler_failure_warns_once_and_trains_eagerly():
+    eager = _lora_llama()
+    compiled = copy.deepcopy(eager)
+
+    def broken(gm, inputs):
+        raise RuntimeError("no compiler here")
+
+    compile_layers(recompute.decoder_layers(compiled), backend=broken)
+    with pytest.warns(UserWarning, match="running them eagerly") as seen:
+        got = _step(compiled, _batch(0))
+    assert len([w for w in seen if "running them eagerly" in str(w.message)]) == 1
+    want = _step(eager, _batch(0))
+    torch.testing.assert_close(got[0], want[0])
