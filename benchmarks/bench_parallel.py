@@ -148,7 +148,9 @@ def train(name: str, run: Run, args: argparse.Namespace) -> dict | None:
 
 
 def write_results(rows: list[dict], meta: dict, out: Path) -> None:
-    one = {(r["engine"], r["method"]): r["tokens_per_s"] for r in rows if r["gpus"] == 1}
+    # the same engine and method on one GPU, by its run name (not other one-GPU rows kept by hand)
+    one = {(r["engine"], r["method"]): r["tokens_per_s"] for r in rows
+           if r["run"] == f"{r['engine']}-{r['method']}-1"}
     for r in rows:
         base = one.get((r["engine"], r["method"]))
         r["scaling"] = round(r["tokens_per_s"] / base, 3) if base and r["gpus"] > 1 else None

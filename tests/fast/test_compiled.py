@@ -47,8 +47,11 @@ def _batch(seed: int, length: int = 12):
     return {"input_ids": ids, "position_ids": torch.arange(length)[None], "labels": ids.clone()}
 
 
-def test_compiled_layers_give_the_eager_loss_and_gradients():
+@pytest.mark.parametrize("recomputed", [False, True])
+def test_compiled_layers_give_the_eager_loss_and_gradients(recomputed):
     eager = _lora_llama()
+    if recomputed:  # recomputation stops a layer's second forward early, by raising
+        eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = copy.deepcopy(eager)
     assert compile_layers(recompute.decoder_layers(compiled), backend="aot_eager") == 2
     for seed, length in ((0, 12), (1, 12), (2, 20)):  # a new length: recompiled, still equal

@@ -64,9 +64,9 @@ def compile_layers(layers: list[torch.nn.Module], backend: str = "inductor") -> 
                 return _eager(*args, **kwargs)
             try:
                 return _fast(*args, **kwargs)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as err:  # noqa: BLE001 - a compiler failure means: run eagerly
+            # only the compiler's own errors: recomputation stops a layer's forward early with an
+            # exception of its own (torch.utils.checkpoint), and OOM or bad input are the user's
+            except torch._dynamo.exc.TorchDynamoException as err:
                 broken.append(type(err).__name__)
                 warnings.warn(f"torch.compile of the decoder layers failed ({type(err).__name__}: "
                               f"{str(err)[:300]}); running them eagerly (TUNEFORGE_COMPILE=0 skips compiling)",
