@@ -109,6 +109,35 @@ def test_saved_bytes_are_measured_per_layer(tiny_model_dir):
     assert all(layer.gradient_checkpointing for layer in layers)  # the probe put the flags back
 
 
+def test_bytes_per_token_leave_out_autocasts_weight_copies():
+    """A full fine-tune keeps fp32 weights and computes in bf16: autocast saves a bf16 copy of
+    each weight, once per layer whatever the length. Per token, that copy must not count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    fp32 = LlamaForCausalLM(cfg)
+    bf16 = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, 100, (1, 128))
+
+    def probe(model, autocast):
+        def run(n: int) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model.model(input_ids=ids[:, :n], use_cache=False)
+        return run
+
+    layers32, layers16 = recompute.decoder_layers(fp32), recompute.decoder_layers(bf16)
+    cast = recompute.bytes_per_token(fp32, layers32, probe(fp32, True), 128)
+    native = recompute.bytes_per_token(bf16, layers16, probe(bf16, False), 128)
+    # the same activations, some of them (the residual stream) in fp32
+    assert native <= cast <= 1.3 * native, (cast, native)
+    # a one-length probe also counts the layer's bf16 weight copies, divided by its 128 tokens
+    one = recompute.saved_bytes_per_token(fp32, layers32, lambda: probe(fp32, True)(128), 128)
+    weights = sum(p.numel() for p in layers32[0].parameters() if p.dim() == 2) * 2
+    assert abs((one - cast) - weights / 128) < 0.1 * weights / 128, (one, cast, weights)
+
+
 def test_fast_path_describes_itself():
     assert "varlen attention" in FastPath(varlen=True).describe()
 

@@ -101,11 +101,11 @@ def plan_recompute(model: Any, tokens: int, budget_gib: float | None, amp: torch
     ids = torch.randint(0, lm.config.vocab_size, (1, probe_len), device=dev)
     pos = torch.arange(probe_len, device=dev)[None]
 
-    def probe() -> None:
+    def probe(n: int) -> None:
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-            lm.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False)
+            lm.get_decoder()(input_ids=ids[:, :n], position_ids=pos[:, :n], use_cache=False)
 
-    per_token = recompute.saved_bytes_per_token(model, layers, probe, probe_len)
+    per_token = recompute.bytes_per_token(model, layers, probe, probe_len)
     # One chunk of logits (fp32, and its bf16 gradient) and the hidden-state gradient the head keeps.
     hidden = lm.config.hidden_size
     vocab = lm.config.vocab_size

@@ -9,6 +9,7 @@ functions in use.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,21 @@ def saved_bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
         for layer, f in zip(layers, flags, strict=True):
             layer.gradient_checkpointing = f
     return max(total) // tokens
+
+
+def bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
+                    forward: Callable[[int], None], tokens: int) -> int:
+    """What the busiest layer saves for each further token: FORWARD(n) runs the model on n tokens,
+    here TOKENS and half as many, and the difference is divided out. A probe this short also
+    saves what does not grow with the sequence, most of all the bf16 copies autocast makes of
+    fp32 weights (a full fine-tune with fp32 master weights): on a 7B model that is 15 GB, which
+    divided by 128 tokens made recomputation look necessary where it was not."""
+    half = tokens // 2
+    if half < 8:
+        return saved_bytes_per_token(model, layers, lambda: forward(tokens), tokens)
+    more = saved_bytes_per_token(model, layers, lambda: forward(tokens), 1)
+    fewer = saved_bytes_per_token(model, layers, lambda: forward(half), 1)
+    return max(0, more - fewer) // (tokens - half)
 
 
 def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: int,
