@@ -62,13 +62,13 @@ class LoraLinearFunction(torch.autograd.Function):
         dtype, s = ctx.dtype, ctx.scaling
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)
         dyb = dy @ bc  # (n, r)
-        _, need_a, need_b = ctx.needs_input_grad[:3]
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
         # addmm with beta=0 never reads its first argument (any tensor of the right shape): the
         # product times s in one kernel
         grad_a = torch.addmm(ac, dyb.t(), xd, beta=0, alpha=s).to(ctx.grad_dtypes[0]) if need_a else None
         grad_b = torch.addmm(bc, dy.t(), xa, beta=0, alpha=s).to(ctx.grad_dtypes[1]) if need_b else None
         dx = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             w = base_weight(ctx.weight, dtype)
             if keep is None:
                 dx = torch.addmm(dy @ w, dyb, ac, alpha=s)

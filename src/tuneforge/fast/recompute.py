@@ -41,10 +41,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def saved_bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
-                          forward: Any, tokens: int) -> int:
-    """Bytes autograd saves per token in the busiest decoder layer during FORWARD(), a callable
-    that runs the model on TOKENS tokens. Tensors shared between ops count once."""
+def saved_bytes(model: torch.nn.Module, layers: list[torch.nn.Module], forward: Any) -> int:
+    """Bytes autograd saves in the busiest decoder layer during FORWARD(), a callable that runs
+    the model. Tensors shared between ops count once."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
     current: list[int] = []
     seen: list[set[tuple[int, int]]] = [set() for _ in layers]
@@ -81,7 +80,13 @@ def saved_bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
             h.remove()
         for layer, f in zip(layers, flags, strict=True):
             layer.gradient_checkpointing = f
-    return max(total) // tokens
+    return max(total)
+
+
+def saved_bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
+                          forward: Any, tokens: int) -> int:
+    """saved_bytes of a FORWARD() on TOKENS tokens, per token (weights' copies included)."""
+    return saved_bytes(model, layers, forward) // tokens
 
 
 def bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
@@ -94,8 +99,8 @@ def bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
     half = tokens // 2
     if half < 8:
         return saved_bytes_per_token(model, layers, lambda: forward(tokens), tokens)
-    more = saved_bytes_per_token(model, layers, lambda: forward(tokens), 1)
-    fewer = saved_bytes_per_token(model, layers, lambda: forward(half), 1)
+    more = saved_bytes(model, layers, lambda: forward(tokens))
+    fewer = saved_bytes(model, layers, lambda: forward(half))
     return max(0, more - fewer) // (tokens - half)
 
 
