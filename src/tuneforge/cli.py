@@ -77,7 +77,7 @@ def cmd_pth_to_hf(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config)
     out = convert_checkpoint(args.pth_model, args.save_dir, cfg.pretrained_model_name_or_path,
-                             fp32=args.fp32, max_shard_size=args.max_shard_size)
+                             fp32=args.fp32, max_shard_size=args.max_shard_size, layout=args.layout)
     print(f"[tuneforge] saved {out}")
 
 
@@ -86,7 +86,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     out = merge_adapter(args.model_name_or_path, args.adapter_name_or_path, args.save_dir,
                         max_shard_size=args.max_shard_size, device=args.device,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, layout=args.layout)
     print(f"[tuneforge] merged model saved to {out}")
 
 
@@ -99,7 +99,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                         repetition_penalty=args.repetition_penalty)
     run_chat(args.model_name_or_path, adapter=args.adapter, prompt_template=args.prompt_template,
              system=args.system or "", sampling=sampling, stream=not args.no_streamer,
-             prompts=args.prompt, bits=args.bits)
+             prompts=args.prompt, bits=args.bits, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -111,7 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"[tuneforge] warning: listening on {args.host} without --api-key: anyone who can reach "
               "this machine can use the model", file=sys.stderr)
-    llm, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter, bits=args.bits)
+    llm, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter, bits=args.bits,
+                                                 trust_remote_code=args.trust_remote_code)
     template = template_for(template_dir, tokenizer, args.prompt_template)
     name = Path(args.model_name_or_path.rstrip("/")).name or "model"
     worker = Worker(llm, tokenizer, template, max_prompt_tokens=args.max_prompt_tokens)
@@ -139,7 +140,8 @@ def cmd_eval_identity(args: argparse.Namespace) -> None:
     from tuneforge.chat.engine import template_for
     from tuneforge.evaluate.identity import evaluate_identity, format_report, save_json
 
-    model, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter)
+    model, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter,
+                                                   trust_remote_code=args.trust_remote_code)
     template = template_for(template_dir, tokenizer, args.prompt_template)
     base = None
     if not args.no_compare:
@@ -159,11 +161,12 @@ def _base_for_compare(model, args):  # noqa: ANN001, ANN202
         return model.disable_adapter
     merge_info = Path(args.model_name_or_path) / "tuneforge_merge.json"
     if merge_info.is_file():
-        from transformers import AutoModelForCausalLM
-
+        from tuneforge.models.load import load_model, remote_code_allowed
         from tuneforge.models.resolve import resolve_model
 
-        return AutoModelForCausalLM.from_pretrained(resolve_model(json.loads(merge_info.read_text())["base"]))
+        base = resolve_model(json.loads(merge_info.read_text())["base"])
+        trust = remote_code_allowed(args.trust_remote_code, args.model_name_or_path)
+        return load_model(base, model.device, "auto", trust_remote_code=trust)
     return None
 
 
@@ -195,6 +198,16 @@ def cmd_log_dataset(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
     print(log_dataset(cfg, *_tokenizer_and_template(cfg), show=args.show, num=args.num))
+
+
+LAYOUT_HELP = ("InternLM2 bases only: llama (default; vLLM, SGLang, LMDeploy, llama.cpp and transformers "
+               "read it without remote code) or original (fused wqkv and InternLM2's own code files)")
+
+
+def _remote_code_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow the model's own code to run (default: as recorded with the model; "
+                        "InternLM2 never needs it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("save_dir")
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16)")
+    s.add_argument("--layout", choices=["llama", "original"], default="llama", help=LAYOUT_HELP)
     s.set_defaults(func=cmd_pth_to_hf)
     s = conv.add_parser("merge", help="merge an adapter into its base model")
     s.add_argument("model_name_or_path")
@@ -257,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("save_dir")
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--layout", choices=["llama", "original"], default="llama", help=LAYOUT_HELP)
+    _remote_code_option(s)
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("chat", help="chat with a model (merged, or base + --adapter)")
@@ -273,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-streamer", action="store_true")
     s.add_argument("--prompt", action="append", help="ask this and exit; repeat for a multi-turn conversation")
     s.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
+    _remote_code_option(s)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible API and a chat web page for a model")
@@ -285,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one reply may ask for")
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get HTTP 400")
     s.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
+    _remote_code_option(s)
     s.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="identity").add_subparsers(
@@ -300,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=48)
     s.add_argument("--no-compare", action="store_true", help="skip the base-vs-tuned answers")
     s.add_argument("--json", help="also write the full result (every answer) here")
+    _remote_code_option(s)
     s.set_defaults(func=cmd_eval_identity)
 
     data = sub.add_parser("data", help="self-cognition | replace").add_subparsers(

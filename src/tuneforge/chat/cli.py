@@ -12,35 +12,31 @@ from tuneforge.chat.engine import Sampling, generate, prompt_ids, template_for
 from tuneforge.errors import UserError
 
 
-def load_for_chat(model: str, adapter: str | None, device: str = "auto",
-                  bits: int | None = None) -> tuple[Any, Any, Path]:
+def load_for_chat(model: str, adapter: str | None, device: str = "auto", bits: int | None = None,
+                  trust_remote_code: bool | None = None) -> tuple[Any, Any, Path]:
     """Model (merged, or base + adapter; 4- or 8-bit with BITS) and tokenizer; returns the dir
-    whose template applies."""
-    from transformers import AutoModelForCausalLM
-
-    from tuneforge.models.load import device_map, load_tokenizer, pick_device, quantization_config
+    whose template applies. TRUST_REMOTE_CODE None: as the model's or adapter's metadata says."""
+    from tuneforge.models.load import load_model, load_tokenizer, pick_device, remote_code_allowed
     from tuneforge.models.resolve import resolve_model
 
     path = resolve_model(model)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter '{adapter}' is not a PEFT adapter directory")
+    trust = remote_code_allowed(trust_remote_code, path, adapter)
     dev = pick_device(device)
-    if bits:
-        quant = quantization_config(bits, torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                                    f"--bits {bits}", double_quant=False)
-        llm = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map=device_map(dev))
-    else:
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(dev)
+    llm = load_model(path, dev, torch.bfloat16 if bits and dev.type == "cuda" else "auto",
+                     load_in_4bit=bits == 4, load_in_8bit=bits == 8, double_quant=False,
+                     trust_remote_code=trust)
     template_dir = path
     tok_dir = path
     if adapter:
-        from peft import PeftModel
+        from tuneforge.models.adapters import attach_adapter
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"--adapter '{adapter}' is not a PEFT adapter directory")
-        llm = PeftModel.from_pretrained(llm, adapter)
+        llm = attach_adapter(llm, Path(adapter), path)
         template_dir = Path(adapter)
         if (Path(adapter) / "tokenizer_config.json").is_file():
             tok_dir = Path(adapter)
-    return llm, load_tokenizer(tok_dir), template_dir
+    return llm, load_tokenizer(tok_dir, trust), template_dir
 
 
 def fit_history(history: list[dict], n_tokens: Any, limit: int) -> list[dict]:
@@ -58,11 +54,13 @@ def fit_history(history: list[dict], n_tokens: Any, limit: int) -> list[dict]:
 def run_chat(model: str, adapter: str | None = None, prompt_template: str | None = None,
              system: str = "", sampling: Sampling | None = None, stream: bool = True,
              stdin: TextIO | None = None, stdout: TextIO | None = None,
-             prompts: list[str] | None = None, bits: int | None = None) -> None:
+             prompts: list[str] | None = None, bits: int | None = None,
+             trust_remote_code: bool | None = None) -> None:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     sampling = sampling or Sampling()
-    llm, tokenizer, template_dir = load_for_chat(model, adapter, bits=bits)
+    llm, tokenizer, template_dir = load_for_chat(model, adapter, bits=bits,
+                                                 trust_remote_code=trust_remote_code)
     template = template_for(template_dir, tokenizer, prompt_template)
     window = getattr(llm.config, "max_position_embeddings", None) or 4096
     limit = max(64, window - sampling.max_new_tokens)

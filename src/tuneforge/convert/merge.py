@@ -2,50 +2,92 @@
 
 The result has sharded safetensors, the tokenizer with the chat template the model was trained
 with, and a generation config that stops at the template's end-of-turn token, so plain
-``transformers``, vLLM or LMDeploy chat with it correctly without tuneforge.
+``transformers``, vLLM or LMDeploy chat with it correctly without tuneforge. An InternLM2 base is
+written as Llama by default (every serving stack reads it without remote code), or with
+``layout='original'`` in InternLM2's own layout.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from tuneforge.convert.layout import save_original_layout
 from tuneforge.data.templates import load_template, save_template, stop_token_ids
 from tuneforge.errors import UserError
-from tuneforge.models.load import load_tokenizer, pick_device
+from tuneforge.models import internlm2
+from tuneforge.models.adapters import attach_adapter
+from tuneforge.models.load import (
+    load_model,
+    load_tokenizer,
+    pick_device,
+    remote_code_allowed,
+    save_tokenizer,
+    write_meta,
+)
 from tuneforge.models.resolve import resolve_model
+
+MERGE_FILE = "tuneforge_merge.json"
+LAYOUTS = ("llama", "original")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to overwrite a folder that is not an earlier merge: nothing of the user's is lost."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_FILE).is_file():
+        raise UserError(f"'{out}' exists and is not an earlier merge; choose an empty or new folder")
 
 
 def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_size: str = "2GB",
-                  device: str = "cpu", trust_remote_code: bool = False) -> Path:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter = Path(adapter)
+                  device: str = "cpu", trust_remote_code: bool | None = None,
+                  layout: str = "llama") -> Path:
+    adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(
             f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json); "
             "create it with `tuneforge convert pth_to_hf CONFIG iter_N.pth DIR`"
         )
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     base_path = resolve_model(base)
-    dev = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto",
-                                                 trust_remote_code=trust_remote_code).to(dev)
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if layout == "original" and not internlm2.is_internlm2_dir(base_path):
+        raise UserError(f"--layout original is for InternLM2 bases; '{base}' is not one")
+    _check_out(out)
+    trust = remote_code_allowed(trust_remote_code, adapter, base_path)
+    model = load_model(base_path, pick_device(device), "auto", trust_remote_code=trust)
+    model = attach_adapter(model, adapter, base_path).merge_and_unload().to("cpu")
 
     has_tok = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter if has_tok else base_path, trust_remote_code)
+    tokenizer = load_tokenizer(adapter if has_tok else base_path, trust)
     template = load_template(adapter)
     if template is not None:
         tokenizer.chat_template = template.chat_template
         stops = stop_token_ids(template, tokenizer)
         model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
-        save_template(out, template)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to("cpu").save_pretrained(out, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out)
-    (out / "tuneforge_merge.json").write_text(json.dumps(
-        {"base": base, "adapter": str(adapter.resolve())}, ensure_ascii=False, indent=2))
+
+    # Written beside OUT and moved into place whole: a crash leaves no folder without weights.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if layout == "original":
+            save_original_layout(model, base_path, tmp, max_shard_size, tokenizer.chat_template)
+        else:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            save_tokenizer(tokenizer, tmp)
+        if template is not None:
+            save_template(tmp, template)
+        # InternLM2 in either layout loads natively; other remote-code models keep needing theirs.
+        write_meta(tmp, trust_remote_code=trust and not internlm2.is_internlm2_dir(base_path),
+                   layout=layout)
+        (tmp / MERGE_FILE).write_text(json.dumps(
+            {"base": base, "adapter": str(adapter.resolve()), "layout": layout}, ensure_ascii=False,
+            indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,9 @@ import torch
 
 from tuneforge.data.templates import Template, save_template
 from tuneforge.errors import UserError
+from tuneforge.models import internlm2
+from tuneforge.models.adapters import to_original_layout, write_adapter
+from tuneforge.models.load import load_model, save_tokenizer, write_meta
 from tuneforge.train.checkpoint import load_checkpoint
 
 
@@ -28,7 +30,7 @@ def _save_tokenizer(base: str, out: Path, template: Template, trust_remote_code:
         return False
     tok = load_tokenizer(path, trust_remote_code)
     tok.chat_template = template.chat_template
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     return True
 
 
@@ -52,10 +54,12 @@ def _pick_base(recorded: str, from_config: str | None) -> str:
 
 
 def convert_checkpoint(ckpt_path: str | Path, out: str | Path, base_model: str | None = None,
-                       fp32: bool = False, max_shard_size: str = "2GB") -> Path:
-    """Write the checkpoint as a standard directory; returns OUT."""
-    from safetensors.torch import save_file
+                       fp32: bool = False, max_shard_size: str = "2GB", layout: str = "llama") -> Path:
+    """Write the checkpoint as a standard directory; returns OUT.
 
+    LAYOUT matters for InternLM2 bases only, which tuneforge trains as Llama: 'llama' (default)
+    writes the adapter or model for the Llama form, 'original' for InternLM2's own remote code
+    (fused wqkv; an adapter's q/k/v LoRAs become one LoRA of three times the rank on wqkv)."""
     ckpt = load_checkpoint(ckpt_path)
     cfg: dict[str, Any] = ckpt["config"]
     base = _pick_base(cfg["pretrained_model_name_or_path"], base_model)
@@ -64,30 +68,55 @@ def convert_checkpoint(ckpt_path: str | Path, out: str | Path, base_model: str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
+    trust = bool(cfg.get("trust_remote_code"))
+    original = _internlm2_base(base)
+    if layout == "original" and original is None:
+        raise UserError(f"--layout original is for InternLM2 bases; '{base}' is not one")
     if ckpt["method"] == "full":
-        _write_full(ckpt, base, out, dtype, max_shard_size, template,
-                    bool(cfg.get("trust_remote_code")))
+        _write_full(ckpt, base, out, dtype, max_shard_size, template, trust, layout)
     else:
         tensors = {peft_key(k): v.to(dtype).contiguous() for k, v in ckpt["state_dict"].items()}
-        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
         peft_config = {**ckpt["peft_config"], "base_model_name_or_path": base,
                        "inference_mode": True}
-        (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, default=str))
-        _save_tokenizer(base, out, template, bool(cfg.get("trust_remote_code")))
+        if layout == "original":
+            tensors, peft_config = to_original_layout(tensors, peft_config, original)
+        write_adapter(out, tensors, peft_config)
+        _save_tokenizer(base, out, template, trust)
+    meta: dict[str, Any] = {"trust_remote_code": trust and original is None}
+    if original is not None:
+        meta.update(layout=layout, base_architecture=internlm2.ARCHITECTURE,
+                    note="InternLM2 trained as Llama: " + (
+                        "load the base with tuneforge (or as Llama), not with its remote code"
+                        if layout == "llama" else "for peft on the original remote-code model"))
+    write_meta(out, **meta)
     save_template(out, template)
     return out
 
 
-def _write_full(ckpt: dict[str, Any], base: str, out: Path, dtype: torch.dtype,
-                max_shard_size: str, template: Template, trust_remote_code: bool) -> None:
-    from transformers import AutoModelForCausalLM
+def _internlm2_base(base: str) -> dict[str, Any] | None:
+    """The InternLM2 config of BASE, or None when BASE is another architecture (or absent)."""
+    from tuneforge.models.resolve import resolve_model
 
+    try:
+        config = internlm2.read_config(resolve_model(base))
+    except UserError:
+        return None
+    return config if internlm2.is_internlm2(config) else None
+
+
+def _write_full(ckpt: dict[str, Any], base: str, out: Path, dtype: torch.dtype, max_shard_size: str,
+                template: Template, trust_remote_code: bool, layout: str) -> None:
+    from tuneforge.convert.layout import save_original_layout
     from tuneforge.models.resolve import resolve_model
 
     path = resolve_model(base)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_model(path, torch.device("cpu"), dtype, trust_remote_code=trust_remote_code)
     _, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if unexpected:
         raise UserError(f"checkpoint does not fit base model '{base}': unexpected {unexpected[:3]}")
-    model.to(dtype).save_pretrained(out, max_shard_size=max_shard_size)
+    model.to(dtype)
+    if layout == "original":
+        save_original_layout(model, path, out, max_shard_size, template.chat_template)
+        return
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     _save_tokenizer(base, out, template, trust_remote_code)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.models import internlm2
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -64,13 +69,75 @@ def training_dtypes(setting: str, device: torch.device, method: str,
     return dtype, amp
 
 
+# Written beside adapters and merged models: what loading them needs (remote code) and the layout
+# of their weights, so that every later command reads it instead of asking again.
+META_FILE = "tuneforge_model.json"
+
+
+def write_meta(directory: str | Path, **fields: Any) -> None:
+    path = Path(directory, META_FILE)
+    path.write_text(json.dumps({**read_meta(directory), **fields}, ensure_ascii=False, indent=2))
+
+
+def read_meta(directory: str | Path | None) -> dict[str, Any]:
+    if directory is None:
+        return {}
+    try:
+        return json.loads(Path(directory, META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def remote_code_allowed(requested: bool | None, *directories: str | Path | None) -> bool:
+    """The user's --trust-remote-code if given, else what the model's own metadata recorded."""
+    if requested is not None:
+        return requested
+    return any(read_meta(d).get("trust_remote_code") for d in directories)
+
+
+@contextlib.contextmanager
+def _remote_code_errors(path: str | Path) -> Iterator[None]:
+    """transformers' remote-code refusals and missing packages, as one line each."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) and "custom code" not in str(err):
+            raise
+        raise UserError(
+            f"'{path}' ships its own model code (remote code), which runs only when allowed: pass "
+            "--trust-remote-code (or set trust_remote_code = True in the config) if you trust it") from err
+    except ImportError as err:
+        missing = re.search(r"following packages that were not found in your environment: ([^.]+)", str(err))
+        if not missing:
+            raise
+        names = missing.group(1).replace(",", " ")
+        raise UserError(f"the model code in '{path}' needs {missing.group(1)}: pip install {names}") from err
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if internlm2.is_internlm2_dir(path):  # its own code breaks on transformers 5; never needed
+        tok = internlm2.load_tokenizer(Path(path))
+    else:
+        with _remote_code_errors(path):
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
+    """save_pretrained, readable by older transformers too: a tokenizer transformers 5 built
+    itself (InternLM2's) is recorded as the PreTrainedTokenizerFast that every version knows."""
+    tokenizer.save_pretrained(out)
+    path = Path(out, "tokenizer_config.json")
+    settings = json.loads(path.read_text())
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if settings.get("extra_special_tokens"):
+            settings.setdefault("additional_special_tokens", settings["extra_special_tokens"])
+        path.write_text(json.dumps(settings, ensure_ascii=False, indent=2))
 
 
 def quantization_config(bits: int, compute_dtype: torch.dtype, needed_by: str, quant_type: str = "nf4",
@@ -91,24 +158,34 @@ def device_map(device: torch.device) -> dict[str, Any]:
     return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, *,
-               load_in_4bit: bool = False, quant_type: str = "nf4", double_quant: bool = True,
-               trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Any:
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | str, *,
+               load_in_4bit: bool = False, load_in_8bit: bool = False, quant_type: str = "nf4",
+               double_quant: bool = True, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa") -> Any:
+    """The one loader: any HF causal LM folder, InternLM2 as transformers' Llama (no remote
+    code), 4- or 8-bit through bitsandbytes, on DEVICE."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": bool(trust_remote_code),
                               "attn_implementation": attn_implementation}
-    if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(4, dtype, "method='qlora'", quant_type,
+    bits = 4 if load_in_4bit else 8 if load_in_8bit else 0
+    if bits:
+        compute = dtype if isinstance(dtype, torch.dtype) else pick_dtype("auto", device)
+        needed_by = "method='qlora'" if bits == 4 else "--bits 8"
+        kwargs["quantization_config"] = quantization_config(bits, compute, needed_by, quant_type,
                                                             double_quant)
         kwargs["device_map"] = device_map(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except ValueError as err:
-        if "attn_implementation" not in str(err) and attn_implementation not in str(err).lower():
-            raise
-        kwargs.pop("attn_implementation")  # custom (remote-code) models without SDPA
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not load_in_4bit:
+    if internlm2.is_internlm2_dir(path):
+        model = internlm2.load_model(Path(path), kwargs)
+    else:
+        with _remote_code_errors(path):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            except ValueError as err:
+                if "attn_implementation" not in str(err) and attn_implementation not in str(err).lower():
+                    raise
+                kwargs.pop("attn_implementation")  # custom (remote-code) models without SDPA
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not bits:
         model.to(device)
     return model
