@@ -54,8 +54,10 @@ def write_adapter(out: Path, tensors: Mapping[str, torch.Tensor], config: Mappin
 
 
 def _targets(config: Mapping[str, Any]) -> set[str]:
+    """The target modules by their last name (peft may store full paths; every layer's module of
+    that name is adapted in the adapters tuneforge writes and converts)."""
     targets = config.get("target_modules") or []
-    return {targets} if isinstance(targets, str) else set(targets)
+    return {t.rpartition(".")[2] for t in ([targets] if isinstance(targets, str) else targets)}
 
 
 def is_original_layout(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> bool:
