@@ -37,6 +37,7 @@ from tuneforge.fast import attention, recompute
 from tuneforge.fast.compiled import compile_layers, compiling_allowed
 from tuneforge.fast.path import FastPath, enable, plan_recompute
 from tuneforge.fast.path import loss_sum as fast_loss_sum
+from tuneforge.models import probe
 from tuneforge.models.load import (
     load_model,
     load_tokenizer,
@@ -162,15 +163,21 @@ def loss_sum(model: Any, batch: dict[str, Any], fast: FastPath | None = None) ->
     # No attention_mask: transformers then derives a block-diagonal causal mask from the
     # restarting position_ids, which keeps packed samples apart (or varlen attention does).
     extra = {k: v for k, v in batch.items() if k.startswith(("cu_seq_lens", "max_length"))}
+    if probe.accepts(model, "logits_to_keep"):
+        extra["logits_to_keep"] = keep
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   use_cache=False, logits_to_keep=keep, **extra).logits
+                   use_cache=False, **extra).logits
+    if "logits_to_keep" not in extra:  # remote code without it: all positions, then the kept ones
+        logits = logits[:, :-1][:, keep]
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                            targets[:, keep].reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
 def load_for_training(cfg: Config, model_path: Path, device: torch.device, dtype: torch.dtype) -> Any:
     """The base model as CFG wants it trained: 4-bit for qlora, varlen attention on a GPU."""
-    varlen = cfg.fast_path and device.type == "cuda" and attention.varlen_available()
+    # A model running its own code looks attention up in its own table, where ours is unknown.
+    varlen = cfg.fast_path and device.type == "cuda" and attention.varlen_available() \
+        and not probe.needs_own_code(model_path, cfg.trust_remote_code)
     return load_model(model_path, device, dtype, load_in_4bit=cfg.method == "qlora",
                       quant_type=cfg.bnb_4bit_quant_type, double_quant=cfg.bnb_4bit_use_double_quant,
                       trust_remote_code=cfg.trust_remote_code,
@@ -185,6 +192,10 @@ def prepare_for_training(model: Any, cfg: Config, partitioned: bool = False) -> 
     if cfg.method != "full":
         model = apply_lora(model, cfg)
     varlen = model.config._attn_implementation == attention.NAME
+    if cfg.fast_path and probe.runs_own_code(model):
+        say("the model runs its own code (trust_remote_code): trained through the plain path "
+            "(no fused kernels, varlen attention or chunked head)")
+        return model, None
     return model, enable(model, varlen=varlen, partitioned=partitioned) if cfg.fast_path else None
 
 
@@ -477,6 +488,10 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if (ds is not None or fsdp) and ranks.world == 1:
         parallel.init_single()
     model = load_for_training(cfg, model_path, device, dtype)
+    if cfg.pack_to_max_length and probe.runs_own_code(model) and not probe.isolates_packed_samples(model):
+        say("the model's own code lets packed samples attend to each other: one sample per row")
+        cfg = cfg.model_copy(update={"pack_to_max_length": False})
+        rows, stats = build_rows(cfg, tokenizer, template)
     if cfg.replay_general:
         if not ranks.main:
             parallel.barrier(ranks)  # rank 0 generates the replay answers once
