@@ -1,5 +1,8 @@
 # InternLM2.5-7B-Chat, full fine-tune, alpaca-style data, 3 epochs.
-# The settings are XTuner's for its config of the same name, so a tutorial's numbers carry over.
+# XTuner 0.2.0 has no config of this name. Its full fine-tune of InternLM2.5 on alpaca is
+# xtuner/configs/internlm/internlm2_5_chat_20b/internlm2_5_chat_20b_alpaca_e3.py, and these are its
+# settings with the 7B model: those of the 7B QLoRA config but for lr = 2e-5 and no LoRA or
+# quantization. docs/xtuner_presets.md compares them key by key.
 #
 # Teaching the model a new identity? Generate the data and point alpaca_en_path at it:
 #   tuneforge data self-cognition --name 龙 --name-en Long -o ./data/assistant.jsonl
@@ -8,6 +11,23 @@
 # before training and cached; `tuneforge eval identity` measures the result. Training on a large
 # general dataset already? Set replay_general = False, or mix your own general data in:
 #   data_files = ['./data/assistant.jsonl', {'path': './data/general.jsonl', 'max_samples': 2000}]
+#
+# Where this run still differs from XTuner's, and why:
+# - replay_general = True is tuneforge's own (XTuner trains on the data alone); False for XTuner's.
+# - SYSTEM = '': XTuner's SYSTEM_TEMPLATE.alpaca reaches only its evaluation hook, while tuneforge
+#   puts SYSTEM into every training sample too; XTuner's training samples have no system prompt.
+# - fp32 weights with bf16 autocast where the GPU has it (dtype = 'auto'); XTuner (without
+#   DeepSpeed): fp32 weights with fp16 autocast and dynamic loss scaling.
+# - Packing: each 2048-token row holds whole samples that never attend to each other. XTuner
+#   (use_varlen_attn = False) cuts one shuffled stream into rows: samples are split across rows
+#   and attend to the samples before them in the row.
+# - Warmup rises linearly from lr/warmup_steps (XTuner: from lr * 1e-5), then cosine to 0 as XTuner.
+# - The loss is the mean over every labelled token of an optimizer step, on all GPUs (XTuner: the
+#   mean of each micro-batch's mean); the same on one GPU with accumulative_counts = 1.
+# - Seed 0 (XTuner: a random seed); recomputation of as few layers as fit (XTuner: every layer);
+#   the evaluation also asks four identity-guard questions (identity_guard).
+# - No dataloader_num_workers or sequence_parallel_size settings: the data is tokenized into memory
+#   before training, and there is no sequence parallelism (XTuner's values are 0 and 1).
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -16,10 +36,10 @@
 pretrained_model_name_or_path = 'internlm/internlm2_5-7b-chat'
 trust_remote_code = True
 method = 'full'
-
+use_varlen_attn = False  # XTuner's value; tuneforge keeps packed samples apart either way
 
 # Data
-alpaca_en_path = 'tatsu-lab/alpaca'
+alpaca_en_path = 'tatsu-lab/alpaca'  # XTuner downloads it; tuneforge reads a local .json/.jsonl
 data_format = 'auto'
 prompt_template = 'internlm2_chat'
 max_length = 2048
@@ -28,7 +48,7 @@ replay_general = True  # base-model answers to general prompts, against forgetti
 
 # Scheduler & Optimizer
 batch_size = 1  # per device
-accumulative_counts = 16
+accumulative_counts = 1
 max_epochs = 3
 optim_type = 'AdamW'
 lr = 2e-5
@@ -43,6 +63,7 @@ save_total_limit = 2  # Maximum checkpoints to keep (-1 means unlimited)
 
 # Evaluate the generation performance during the training
 evaluation_freq = 500
+evaluation_max_new_tokens = 600  # XTuner's EvaluateChatHook default
 SYSTEM = ''
 evaluation_inputs = [
     '请给我介绍五个上海的景点', 'Please tell me five scenic spots in Shanghai'
