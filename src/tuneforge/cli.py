@@ -22,6 +22,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers imports DeepSpeed wherever it is installed, and DeepSpeed warns on every
+    # command of a machine without a GPU that it found none; say which accelerator there is.
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import transformers
@@ -30,6 +34,11 @@ def _quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def _has_cuda() -> bool:
+    """Without importing torch (seconds): an NVIDIA or AMD GPU's device files are there."""
+    return Path("/dev/nvidiactl").exists() or Path("/dev/kfd").exists()
 
 
 def cmd_list_cfg(args: argparse.Namespace) -> None:
