@@ -225,6 +225,14 @@ def test_the_settings_xtuner_would_use_are_taken(tmp_path, identity_data):
     assert "SYSTEM" in report.ignored and "torch_dtype" in report.ignored and "env_cfg" in report.ignored
     cfg = load_config(path)
     assert cfg.method == "qlora" and cfg.data_files == str(identity_data)
+    # no target_modules: XTuner adapts every linear layer but lm_head/output_layer, so InternLM2's
+    # head ('output') too; loaded as Llama that is lm_head, which peft's 'all-linear' leaves out
+    assert "lm_head" in settings["lora_target_modules"] and "q_proj" in settings["lora_target_modules"]
+
+
+def test_without_target_modules_other_models_keep_all_linear(tmp_path, identity_data):
+    settings, _ = read_xtuner_config(_write(tmp_path, "/models/Meta-Llama-3-8B-Instruct", identity_data))
+    assert "lora_target_modules" not in settings
 
 
 @pytest.mark.parametrize(("edit", "needle"), [

@@ -204,6 +204,26 @@ def _template(value: Any, report: Report, key: str) -> str | None:
     return None
 
 
+# XTuner adapts every linear layer but ones named lm_head or output_layer (find_all_linear_names).
+# InternLM2 calls its head 'output', so XTuner adapts it; tuneforge loads InternLM2 as Llama, where
+# the head is lm_head and peft's 'all-linear' would leave it out. The same layers by Llama's names:
+INTERNLM2_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "lm_head"]
+
+
+def _is_internlm2(model: Any, config_path: Path) -> bool:
+    """Whether MODEL (a folder or Hub name) is InternLM2, from its config.json where it is here."""
+    if not isinstance(model, str):
+        return False
+    for folder in (Path(model), config_path.parent / model):
+        try:
+            text = (folder / "config.json").read_text()
+        except OSError:
+            continue
+        return '"internlm2"' in text or "InternLM2ForCausalLM" in text
+    return "internlm2" in model.lower()
+
+
 def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Report]:
     report = Report()
     out: dict[str, Any] = {}
@@ -259,6 +279,8 @@ def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Repor
         take("method", "qlora" if four_bit else "lora")
         take_from(lora, {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
                          "target_modules": "lora_target_modules"})
+        if "target_modules" not in lora and _is_internlm2(out.get("pretrained_model_name_or_path"), path):
+            take("lora_target_modules", INTERNLM2_ALL_LINEAR)
     elif model:
         take("method", "full")
     if four_bit:

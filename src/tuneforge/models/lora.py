@@ -5,6 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.config.schema import Config
+from tuneforge.models import internlm2
+
+
+def target_modules(targets: str | list[str]) -> str | list[str]:
+    """CFG's targets with InternLM2's module names (wqkv, wo, w1/w2/w3, output: an XTuner config's)
+    as the Llama modules tuneforge loads InternLM2 as."""
+    if isinstance(targets, str):
+        return list(internlm2.MODULE_NAMES[targets]) if targets in internlm2.MODULE_NAMES else targets
+    out: list[str] = []
+    for t in targets:
+        out += [n for n in internlm2.MODULE_NAMES.get(t, (t,)) if n not in out]
+    return out
 
 
 def lora_config(cfg: Config) -> Any:
@@ -12,7 +24,7 @@ def lora_config(cfg: Config) -> Any:
 
     return LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM",
+        target_modules=target_modules(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM",
     )
 
 
