@@ -167,3 +167,38 @@ def test_a_sharded_engine_holds_two_gathered_layers_in_the_compute_dtype():
     layer = torch.nn.Linear(10, 10)  # 110 fp32 parameters
     assert gathered_bytes(layer, torch.bfloat16) == 2 * 110 * 2
     assert gathered_bytes(layer, None) == 2 * 110 * 4
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_chunked_head_trains_a_lora_on_the_head_like_peft(tiny_model_dir, tokenizer, monkeypatch, dropout):
+    """XTuner's InternLM2 configs adapt the head; the chunked cross-entropy then adds the LoRA's
+    update to every chunk of logits, with the gradients peft's own layer would give. (With
+    dropout the two paths draw different masks, so they are compared in eval mode, and dropout
+    is shown to act in training mode.)"""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr("tuneforge.fast.cross_entropy.CHUNK_ELEMENTS", 7 * len(tokenizer))  # several chunks
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                      target_modules=["q_proj", "lm_head"]))
+    fast = enable(model, varlen=False)
+    assert fast.linear_ce  # the adapted head no longer turns the chunked head off
+    batch = _packed_batch(tokenizer)
+    head = model.base_model.model.lm_head
+    head_a, head_b = head.lora_A["default"].weight, head.lora_B["default"].weight
+    model.train(dropout == 0.0)
+
+    def run(fn):
+        loss = fn()
+        return (loss.detach(), *torch.autograd.grad(loss, [head_a, head_b]))
+
+    plain = run(lambda: loss_sum(model, batch, None))
+    chunked = run(lambda: fast_loss_sum(model, batch, fast))
+    for want, got in zip(plain, chunked, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert chunked[2].abs().sum() > 0
+    if dropout:
+        model.train()
+        assert not torch.allclose(run(lambda: fast_loss_sum(model, batch, fast))[0], chunked[0])

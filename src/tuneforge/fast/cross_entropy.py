@@ -13,27 +13,39 @@ from typing import Any
 import torch
 
 from tuneforge.data.encode import IGNORE
-from tuneforge.fast.lora import compute_dtype
+from tuneforge.fast.lora import base_weight, compute_dtype
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in fp32
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
+    """LOW and UP (optional) are a LoRA head's low-rank path: logits = h W^T + s LOW UP^T, where
+    LOW = dropout(h) A^T is (n, r), computed by autograd outside, and UP is B (vocab, r)."""
+
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
-        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        w = weight.to(dtype)
+                dtype: torch.dtype, low: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                scale: float = 1.0) -> torch.Tensor:
+        w = base_weight(weight, dtype)
+        chunk = max(1, CHUNK_ELEMENTS // w.shape[0])
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=dtype)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
             if weight.requires_grad else None
+        lora = low is not None and up is not None
+        upc = up.to(dtype) if lora else None
+        grad_low = torch.empty(low.shape, device=low.device, dtype=dtype) if lora else None
+        grad_up = torch.zeros(up.shape, device=up.device, dtype=torch.float32) if lora else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(dtype)
             t = targets[start:start + chunk]
             valid = t != IGNORE
             t = t.clamp(min=0)
-            logits = (h @ w.t()).float()
+            if lora:
+                lo = low[start:start + chunk].to(dtype)
+                logits = torch.addmm(h @ w.t(), lo, upc.t(), alpha=scale).float()
+            else:
+                logits = (h @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, t[:, None]).squeeze(1)
             loss += ((lse - picked) * valid).sum()
@@ -44,23 +56,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_h[start:start + chunk] = g @ w
             if grad_w is not None:
                 grad_w.addmm_(g.t().float(), h.float())
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+            if lora:
+                grad_low[start:start + chunk] = (g @ upc).mul_(scale)
+                grad_up.addmm_(g.t().float(), lo.float(), alpha=scale)
+        ctx.save_for_backward(grad_h, grad_w, grad_low, grad_up)
+        ctx.dtypes = (hidden.dtype, weight.dtype, low.dtype if lora else None, up.dtype if lora else None)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        dh = (grad_h * grad_loss).to(ctx.hidden_dtype)
-        dw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        grads = []
+        for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True):
+            grads.append((saved * grad_loss).to(dtype) if saved is not None else None)
+        dh, dw, dlow, dup = grads
+        return dh, dw, None, None, dlow, dup, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                         targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against TARGETS (IGNORE rows count nothing).
 
-    HIDDEN is (n, h), WEIGHT (vocab, h), TARGETS (n,). Only for training: the gradient is computed
-    in the forward pass whether or not backward runs.
+    HIDDEN is (n, h), WEIGHT (vocab, h), TARGETS (n,). LORA: (dropout(hidden) @ A.T, B, scaling)
+    of a LoRA on the head, whose update joins the logits. Only for training: the gradient is
+    computed in the forward pass whether or not backward runs.
     """
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, compute_dtype(hidden))
+    low, up, scale = lora if lora is not None else (None, None, 1.0)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, compute_dtype(hidden), low, up, scale)

@@ -38,17 +38,45 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def head_for_linear_ce(model: Any) -> torch.Tensor | None:
-    """The output projection's weight, when the logits are nothing but ``hidden @ weight.T``."""
+@dataclass(frozen=True)
+class Head:
+    """The output projection as the chunked cross-entropy sees it: the weight, and the peft LoRA
+    layer on it when the head is adapted (XTuner adapts InternLM2's)."""
+    weight: torch.Tensor
+    lora: Any = None
+
+    def low_rank(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(dropout(hidden) @ A.T, B, scaling) of the head's active adapter, or None."""
+        lora = self.lora
+        if lora is None or lora.disable_adapters or lora.merged:
+            return None
+        (name,) = [n for n in lora.active_adapters if n in lora.lora_A]
+        a = lora.lora_A[name].weight
+        low = lora.lora_dropout[name](hidden) @ a.t().to(hidden.dtype)
+        return low, lora.lora_B[name].weight, lora.scaling[name]
+
+
+def head_for_linear_ce(model: Any) -> Head | None:
+    """The output projection, when the logits are nothing but ``hidden @ weight.T`` (plus a plain
+    LoRA's update)."""
+    from peft.tuners.lora import LoraLayer
+
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
     cfg = lm.config
+    lora = None
+    if isinstance(head, LoraLayer):
+        adapters = [n for n in head.active_adapters if n in head.lora_A]
+        if len(adapters) != 1 or adapters[0] in getattr(head, "lora_variant", {}) \
+                or head.use_dora.get(adapters[0]):
+            return None
+        lora, head = head, head.get_base_layer()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) \
             or getattr(cfg, "logits_scaling", None):
         return None
-    return head.weight
+    return Head(head.weight, lora)
 
 
 def enable(model: Any, varlen: bool, partitioned: bool = False) -> FastPath:
@@ -75,8 +103,9 @@ def loss_sum(model: Any, batch: dict[str, Any], fast: FastPath) -> torch.Tensor:
                               use_cache=False, **extra).last_hidden_state
     targets = batch["labels"][:, 1:]
     labelled = targets != IGNORE
-    return linear_cross_entropy(hidden[:, :-1][labelled], lm.get_output_embeddings().weight,
-                                targets[labelled])
+    head = head_for_linear_ce(model)
+    h = hidden[:, :-1][labelled]
+    return linear_cross_entropy(h, head.weight, targets[labelled], head.low_rank(h))
 
 
 def gathered_bytes(layer: torch.nn.Module, amp: torch.dtype | None) -> int:
