@@ -38,3 +38,37 @@ def test_training_with_replay_mixes_it_in(tiny_model_dir, identity_data, tmp_pat
     assert list((tmp_path / "cache" / "replay").glob("*.jsonl"))
     log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log)  # the guard asked its questions
+
+
+def test_qlora_on_a_cpu_replays_the_unquantized_base_with_progress(tiny_model_dir, identity_data, tmp_path,
+                                                                     monkeypatch, capsys):
+    """The answers trained on are the base model's own (what the user trains from), not its 4-bit
+    copy's; the run says how many prompts and how long, and shows each batch with an ETA."""
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    import torch
+
+    from tuneforge.models.generate import Sampling, generate_batch
+    from tuneforge.models.load import load_model, load_tokenizer
+    from tuneforge.train.loop import train
+
+    cfg = tiny_config(tiny_model_dir, identity_data, method="qlora", replay_general=True,
+                      replay_max_new_tokens=4, max_steps=1)
+    train(cfg, tmp_path / "w", progress=True)
+    out = capsys.readouterr()
+    prompts = GENERAL_EN + GENERAL_ZH
+    assert f"(unquantized: 4-bit is slow on a CPU) answers {len(prompts)} general prompts" in out.out
+    assert "will take about" in out.out  # the estimate, once the first batch is done
+    assert f"replay: 64/{len(prompts)} prompts [" in out.err and "left]" in out.err  # a line per batch
+    records = [json.loads(x)["conversation"][0] for x in
+               next((tmp_path / "cache" / "replay").glob("*.jsonl")).read_text().splitlines()]
+
+    tok = load_tokenizer(tiny_model_dir)
+    template = get_template(cfg.prompt_template, tok)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    cpu = torch.device("cpu")
+    full = generate_batch(load_model(tiny_model_dir, cpu, torch.float32), tok, template, chats, Sampling(4), 64)
+    four = generate_batch(load_model(tiny_model_dir, cpu, torch.float32, load_in_4bit=True), tok, template,
+                          chats, Sampling(4), 64)
+    expected = [(p, a) for p, a in zip(prompts, full, strict=True) if a.strip()]
+    assert [(r["input"], r["output"]) for r in records] == expected
+    assert full != four  # the check above tells the two apart

@@ -12,40 +12,11 @@ import torch
 from tuneforge.data.templates import Template, get_template, load_template, render, stop_token_ids
 from tuneforge.errors import UserError
 
+# Sampling and batched generation live with the models (replay and evaluation use them too);
+# re-exported here for chat's own users.
+from tuneforge.models.generate import Sampling, autocast_for, generate_batch, generate_kwargs
 
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-
-
-def _autocast(model: Any) -> Any:
-    """bf16 matmuls for an fp32 model: on a CPU with native bf16 (about 2x the tokens per second,
-    measured ad hoc on an AMD EPYC), and on a GPU with bf16, where fp32 weights are a full
-    fine-tune's master copy being evaluated during training."""
-    from tuneforge.models.load import autocast_dtype
-
-    param = next(model.parameters())
-    amp = None
-    if param.dtype == torch.float32:
-        gpu_bf16 = param.is_cuda and torch.cuda.is_bf16_supported()
-        amp = torch.bfloat16 if gpu_bf16 else autocast_dtype("auto", param.device)
-    return torch.autocast(param.device.type, dtype=amp or torch.float32, enabled=amp is not None)
-
-
-def _generate_kwargs(sampling: Sampling, stops: list[int], pad_token_id: int | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
-                                  pad_token_id=pad_token_id,
-                                  repetition_penalty=sampling.repetition_penalty)
-    if sampling.temperature > 0:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                      top_k=sampling.top_k)
-    else:  # greedy; None silences "flags are not valid" warnings from the model's own defaults
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return kwargs
+__all__ = ["Reply", "Sampling", "generate", "generate_batch", "generate_reply", "prompt_ids", "template_for"]
 
 
 @dataclass(frozen=True)
@@ -75,11 +46,11 @@ def generate_reply(model: Any, tokenizer: Any, template: Template, messages: lis
 
     ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=next(model.parameters()).device)
     stops = stop_token_ids(template, tokenizer)
-    kwargs = _generate_kwargs(sampling, stops, tokenizer.pad_token_id)
+    kwargs = generate_kwargs(sampling, stops, tokenizer.pad_token_id)
     streamer = _CallbackStreamer(tokenizer, on_text) if on_text else None
     was_training = model.training
     model.eval()
-    with torch.no_grad(), _autocast(model):
+    with torch.no_grad(), autocast_for(model):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                              stopping_criteria=StoppingCriteriaList([_Cancel()]) if cancelled else None,
                              **kwargs)
@@ -94,41 +65,6 @@ def generate(model: Any, tokenizer: Any, template: Template, messages: list[dict
              sampling: Sampling, on_text: Callable[[str], None] | None = None) -> str:
     """Answer the last user turn of MESSAGES; ON_TEXT receives the reply as it streams."""
     return generate_reply(model, tokenizer, template, messages, sampling, on_text).text
-
-
-def generate_batch(model: Any, tokenizer: Any, template: Template, chats: list[list[dict]],
-                   sampling: Sampling, batch_size: int = 32, with_finished: bool = False) -> Any:
-    """Greedy (or sampled) replies to many chats at once, left-padded: several times the
-    throughput of one-by-one generation on a CPU. With WITH_FINISHED, also whether each reply
-    ended by itself (a stop token) rather than at ``max_new_tokens``."""
-    device = next(model.parameters()).device
-    stops = stop_token_ids(template, tokenizer)
-    kwargs = _generate_kwargs(sampling, stops, tokenizer.pad_token_id)
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        # longest first: each batch pads to a similar length
-        order = sorted(range(len(chats)), key=lambda i: -len(str(chats[i])))
-        out_by_index: dict[int, str] = {}
-        finished_by_index: dict[int, bool] = {}
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            prompts = [render(template, tokenizer, chats[i], add_generation_prompt=True) for i in idx]
-            enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-            with torch.no_grad(), _autocast(model):
-                out = model.generate(**enc, **kwargs)
-            for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:], strict=True):
-                out_by_index[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-                finished_by_index[i] = any(t in stops for t in row.tolist())
-        replies = [out_by_index[i] for i in range(len(chats))]
-        finished = [finished_by_index[i] for i in range(len(chats))]
-    finally:
-        tokenizer.padding_side = side
-        if was_training:
-            model.train()
-    return (replies, finished) if with_finished else replies
 
 
 class _CallbackStreamer:

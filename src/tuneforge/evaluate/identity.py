@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneforge.chat.engine import Sampling, generate_batch
 from tuneforge.data.templates import Template
 from tuneforge.evaluate import questions as Q
+from tuneforge.models.generate import Sampling, generate_batch
 
 COMPARE = [Q.GENERAL_ZH[0], Q.GENERAL_EN[0], Q.GENERAL_EN[2]]
 

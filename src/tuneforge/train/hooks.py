@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneforge.chat.engine import Sampling, generate_batch
 from tuneforge.data.templates import Template
 from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
+from tuneforge.models.generate import Sampling, generate_batch
 
 
 class JsonlLog:

@@ -30,7 +30,7 @@ from tuneforge.config.schema import Config, DataSource
 from tuneforge.data.dataset import TrainRows, build_rows
 from tuneforge.data.encode import IGNORE
 from tuneforge.data.pack import Row
-from tuneforge.data.replay import build_replay, replay_path
+from tuneforge.data.replay import build_replay, replay_path, replay_prompts
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
 from tuneforge.fast import attention, recompute
@@ -38,6 +38,7 @@ from tuneforge.fast.compiled import compile_layers, compiling_allowed
 from tuneforge.fast.path import FastPath, enable, plan_recompute
 from tuneforge.fast.path import loss_sum as fast_loss_sum
 from tuneforge.models import probe
+from tuneforge.models.generate import unquantized_on_cpu
 from tuneforge.models.load import (
     load_model,
     load_tokenizer,
@@ -356,15 +357,21 @@ def _check_deepspeed(cfg: Config, partitioned: bool) -> None:
 
 
 def _with_replay(cfg: Config, model: Any, model_path: Path, tokenizer: Any,
-                 template: Any) -> tuple[TrainRows, Any]:
-    """Rows with the base model's answers to the general prompts mixed in (generated once)."""
+                 template: Any, progress: bool = True) -> tuple[TrainRows, Any]:
+    """Rows with the base model's answers to the general prompts mixed in (generated once; by
+    the unquantized base where the training model is 4-bit on a CPU, see unquantized_on_cpu)."""
     path = replay_path(model_path, template, cfg.SYSTEM, cfg.replay_max_new_tokens)
     if path.is_file():
         say(f"replay: base-model answers to general prompts from {path}")
     else:
         t0 = time.time()
-        say("replay: the base model answers the general prompts once (cached for later runs)")
-        build_replay(model, tokenizer, template, path, cfg.SYSTEM, cfg.replay_max_new_tokens)
+        with unquantized_on_cpu(model, model_path, cfg.trust_remote_code) as answerer:
+            how = " (unquantized: 4-bit is slow on a CPU)" if answerer is not model else ""
+            say(f"replay: the base model{how} answers {len(replay_prompts())} general prompts once, "
+                f"up to {cfg.replay_max_new_tokens} tokens each (cached for later runs)")
+            build_replay(answerer, tokenizer, template, path, cfg.SYSTEM, cfg.replay_max_new_tokens,
+                         say=say, progress=progress)
+            del answerer  # the unquantized copy goes before training starts
         say(f"replay: done in {time.time() - t0:.0f}s -> {path}")
     rows, stats = build_rows(cfg, tokenizer, template,
                              extra=[DataSource(path=str(path), repeat=cfg.replay_repeat)])
@@ -495,7 +502,7 @@ def _train(cfg: Config, work_dir: Path, ranks: parallel.Ranks, resume: str | boo
     if cfg.replay_general:
         if not ranks.main:
             parallel.barrier(ranks)  # rank 0 generates the replay answers once
-        rows, stats = _with_replay(cfg, model, model_path, tokenizer, template)
+        rows, stats = _with_replay(cfg, model, model_path, tokenizer, template, progress)
         if ranks.main:
             parallel.barrier(ranks)
     _warn_few_steps(rows, cfg, ranks.world)
