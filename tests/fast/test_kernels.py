@@ -139,3 +139,32 @@ def test_swiglu_gradient():
     g = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
     u = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(SwiGLUFunction.apply, (g, u))
+
+
+def test_dense_4bit_weights_dequantise_once_and_give_the_same_numbers(monkeypatch):
+    """The evaluation hook on a CPU generates hundreds of tokens with a 4-bit model: inside
+    dense_4bit_weights each weight is dequantised once, with unchanged results."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from tuneforge.fast.lora import base_weight, dense_4bit_weights
+
+    layer = bnb.nn.Linear4bit(16, 8, bias=False, quant_type="nf4")
+    layer.load_state_dict({"weight": torch.randn(8, 16)})
+    layer = layer.to("cpu")
+    w = layer.weight
+    if getattr(w, "quant_state", None) is None:
+        pytest.skip("bitsandbytes did not quantise on this CPU")
+    calls = []
+    real = bnbf.dequantize_4bit
+    monkeypatch.setattr(bnbf, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = [base_weight(w, torch.float32) for _ in range(3)]
+    assert len(calls) == 3
+    calls.clear()
+    with dense_4bit_weights():
+        cached = [base_weight(w, torch.float32) for _ in range(3)]
+    assert len(calls) == 1
+    assert all(torch.equal(c, plain[0]) for c in cached)
+    calls.clear()
+    base_weight(w, torch.float32)  # outside the block: no cache kept
+    assert len(calls) == 1

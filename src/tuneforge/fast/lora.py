@@ -9,7 +9,9 @@ tree and parameter names are left as they are, so checkpoints and adapters keep 
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,13 +24,34 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# While generating with a 4-bit model on a CPU (the evaluation hook), each weight is dequantised
+# once and kept, not once per layer call: 600 new tokens made the hook take minutes otherwise.
+_dense_cache: dict[tuple[int, torch.dtype], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def dense_4bit_weights() -> Iterator[None]:
+    """Within this block, ``base_weight`` dequantises each 4-bit weight once (no grad needed)."""
+    global _dense_cache
+    outer, _dense_cache = _dense_cache, {}
+    try:
+        yield
+    finally:
+        _dense_cache = outer
+
+
 def base_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A base layer's weight W as a dense (out, in) tensor in DTYPE; 4-bit weights are dequantised."""
     quant_state = getattr(w, "quant_state", None)
     if quant_state is not None:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
+        if _dense_cache is None:
+            return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
+        key = (id(w), dtype)
+        if key not in _dense_cache:
+            _dense_cache[key] = bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
+        return _dense_cache[key]
     return w.to(dtype)
 
 

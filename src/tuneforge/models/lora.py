@@ -19,12 +19,18 @@ def target_modules(targets: str | list[str]) -> str | list[str]:
     return out
 
 
-def lora_config(cfg: Config) -> Any:
+def lora_config(cfg: Config, tied_head: bool = False) -> Any:
+    """TIED_HEAD: the model's head is its input embedding. A LoRA on it would, once merged, change
+    the embeddings too; XTuner never adapts a head named lm_head, so neither does tuneforge then."""
     from peft import LoraConfig
 
+    targets = target_modules(cfg.lora_target_modules)
+    if tied_head and isinstance(targets, list) and "lm_head" in targets:
+        print("[tuneforge] lm_head is tied to the input embeddings here: not adapted", flush=True)
+        targets = [t for t in targets if t != "lm_head"]
     return LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=target_modules(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+        target_modules=targets, bias="none", task_type="CAUSAL_LM",
     )
 
 
@@ -34,7 +40,9 @@ def apply_lora(model: Any, cfg: Config) -> Any:
     if cfg.gradient_checkpointing:
         # Frozen embeddings would give checkpointed blocks inputs without grad, so nothing flows back.
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(cfg))
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    return get_peft_model(model, lora_config(cfg, tied_head=tied))
 
 
 def trainable_parameters(model: Any) -> dict[str, Any]:

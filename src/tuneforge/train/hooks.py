@@ -3,6 +3,7 @@ guard's check), the loss plot."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 
 from tuneforge.data.templates import Template
 from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
+from tuneforge.fast.lora import dense_4bit_weights
 from tuneforge.models.generate import Sampling, generate_batch
 
 
@@ -66,8 +68,10 @@ class Evaluation:
         if not self.enabled:
             return
         asked = self.cfg.evaluation_inputs
-        answers = evaluate(self.model, self.tokenizer, self.template, asked + self.guard, self.cfg.SYSTEM,
-                           self.cfg.evaluation_max_new_tokens)
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        with dense_4bit_weights() if on_cpu else contextlib.nullcontext():
+            answers = evaluate(self.model, self.tokenizer, self.template, asked + self.guard,
+                               self.cfg.SYSTEM, self.cfg.evaluation_max_new_tokens)
         if asked:
             self.say(write_eval(self.path, step, answers[:len(asked)]))
         self.log.write({"step": step, "eval": answers})
