@@ -52,7 +52,8 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
     if layout not in LAYOUTS:
         raise UserError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     base_path = resolve_model(base)
-    if layout == "original" and not internlm2.is_internlm2_dir(base_path):
+    native = internlm2.is_internlm2_dir(base_path)  # InternLM2 in either layout needs no remote code
+    if layout == "original" and not native:
         raise UserError(f"--layout original is for InternLM2 bases; '{base}' is not one")
     _check_out(out)
     trust = remote_code_allowed(trust_remote_code, adapter, base_path)
@@ -79,9 +80,7 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
             save_tokenizer(tokenizer, tmp)
         if template is not None:
             save_template(tmp, template)
-        # InternLM2 in either layout loads natively; other remote-code models keep needing theirs.
-        write_meta(tmp, trust_remote_code=trust and not internlm2.is_internlm2_dir(base_path),
-                   layout=layout)
+        write_meta(tmp, trust_remote_code=trust and not native, layout=layout)
         (tmp / MERGE_FILE).write_text(json.dumps(
             {"base": base, "adapter": str(adapter.resolve()), "layout": layout}, ensure_ascii=False,
             indent=2))

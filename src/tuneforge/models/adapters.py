@@ -29,8 +29,7 @@ PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _LORA = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 _ORIGINAL_MODULES = set(internlm2.MODULE_NAMES)
-_LLAMA_TO_ORIGINAL = {"o_proj": "wo", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
-                      "lm_head": "output", "q_proj": "wqkv", "k_proj": "wqkv", "v_proj": "wqkv"}
+_LLAMA_TO_ORIGINAL = {new: old for old, news in internlm2.MODULE_NAMES.items() for new in news}
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -29,27 +29,27 @@ from tuneforge.errors import UserError
 
 ARCHITECTURE = "InternLM2ForCausalLM"
 
-# InternLM2 name (regex on the part after "model.") -> Llama name. wqkv is handled apart.
-_RENAMES: tuple[tuple[str, str], ...] = (
-    (r"^model\.tok_embeddings\.", "model.embed_tokens."),
-    (r"\.attention\.wo\.", ".self_attn.o_proj."),
-    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
-    (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
-    (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
-    (r"\.attention_norm\.", ".input_layernorm."),
-    (r"\.ffn_norm\.", ".post_attention_layernorm."),
-    (r"^output\.", "lm_head."),
+# InternLM2 name part -> Llama name part (a leading "^" anchors it at the start of the name);
+# wqkv is handled apart. Read left to right to load, right to left to write the original back.
+_NAME_PAIRS: tuple[tuple[str, str], ...] = (
+    ("^model.tok_embeddings.", "^model.embed_tokens."),
+    (".attention.wo.", ".self_attn.o_proj."),
+    (".feed_forward.w1.", ".mlp.gate_proj."),
+    (".feed_forward.w3.", ".mlp.up_proj."),
+    (".feed_forward.w2.", ".mlp.down_proj."),
+    (".attention_norm.", ".input_layernorm."),
+    (".ffn_norm.", ".post_attention_layernorm."),
+    ("^output.", "^lm_head."),
 )
-_BACK: tuple[tuple[str, str], ...] = (
-    (r"^model\.embed_tokens\.", "model.tok_embeddings."),
-    (r"\.self_attn\.o_proj\.", ".attention.wo."),
-    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
-    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
-    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
-    (r"\.input_layernorm\.", ".attention_norm."),
-    (r"\.post_attention_layernorm\.", ".ffn_norm."),
-    (r"^lm_head\.", "output."),
-)
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    anchored = source.startswith("^")
+    return ("^" if anchored else "") + re.escape(source.lstrip("^")), target.lstrip("^")
+
+
+_RENAMES = tuple(_rule(a, b) for a, b in _NAME_PAIRS)
+_BACK = tuple(_rule(b, a) for a, b in _NAME_PAIRS)
 _WQKV = re.compile(r"^(model\.layers\.\d+\.)attention\.wqkv\.(weight|bias)$")
 _QKV = re.compile(r"^(model\.layers\.\d+\.)self_attn\.([qkv])_proj\.(weight|bias)$")
 # The Llama module names each InternLM2 module becomes, for LoRA target lists and adapters.
@@ -258,6 +258,9 @@ def load_tokenizer(model_dir: Path) -> Any:
         raise UserError(f"'{model_dir}' is an InternLM2 checkpoint without tokenizer.model")
     settings = json.loads((model_dir / "tokenizer_config.json").read_text()) \
         if (model_dir / "tokenizer_config.json").is_file() else {}
+    if settings.get("add_eos_token"):
+        raise UserError(f"'{model_dir}': an InternLM2 tokenizer with add_eos_token = true is not "
+                        "supported; set it to false in tokenizer_config.json (InternLM2's own is false)")
     proto = pb.ModelProto()
     proto.ParseFromString(model_file.read_bytes())
     added = settings.get("added_tokens_decoder") or {}
@@ -283,8 +286,6 @@ def load_tokenizer(model_dir: Path) -> Any:
                                   extra_special_tokens=extra, clean_up_tokenization_spaces=False,
                                   add_bos_token=settings.get("add_bos_token", True), add_eos_token=False,
                                   chat_template=settings.get("chat_template"))
-    if settings.get("add_eos_token"):
-        raise UserError("InternLM2 tokenizer with add_eos_token=True is not supported")
     return tok
 
 

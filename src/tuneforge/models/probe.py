@@ -9,6 +9,7 @@ compares it with the second sample alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,14 @@ def needs_own_code(model_dir: Path, trust_remote_code: bool) -> bool:
 
 
 def accepts(model: Any, argument: str) -> bool:
-    """Whether MODEL's forward takes ARGUMENT (remote code often has no ``logits_to_keep``)."""
-    return argument in inspect.signature(_causal_lm(model).forward).parameters
+    """Whether MODEL's forward takes ARGUMENT (remote code often has no ``logits_to_keep``).
+    Asked every micro-batch, so the answer is kept per model class."""
+    return _accepts(type(_causal_lm(model)), argument)
+
+
+@functools.cache
+def _accepts(cls: type, argument: str) -> bool:
+    return argument in inspect.signature(cls.forward).parameters
 
 
 @torch.no_grad()
