@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -78,22 +79,7 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
 
     if interactive:
         emit(f"tuneforge chat ({template.name} template). RESET clears the history, EXIT quits.\n")
-    queued = list(prompts or [])
-    while True:
-        if prompts is not None:
-            if not queued:
-                break
-            question = queued.pop(0)
-        elif interactive:
-            try:
-                question = input("\n>>> User: ")
-            except EOFError:
-                break
-        else:
-            line = stdin.readline()
-            if not line:
-                break
-            question = line.rstrip("\n")
+    for question in _questions(prompts, interactive, stdin):
         if not question.strip():
             continue
         if question.strip() == "EXIT":
@@ -119,3 +105,20 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
             emit(reply)
         emit("\n")
         history.append({"role": "assistant", "content": reply})
+
+
+def _questions(prompts: list[str] | None, interactive: bool, stdin: TextIO) -> Iterator[str]:
+    """The user's lines until they run out: PROMPTS when given, else asked at the terminal, else
+    read from STDIN. A generator, so that each is asked for only once the last one is answered."""
+    if prompts is not None:
+        yield from list(prompts)
+    elif interactive:
+        while True:
+            try:
+                question = input("\n>>> User: ")
+            except EOFError:
+                return
+            yield question
+    else:
+        for line in iter(stdin.readline, ""):
+            yield line.rstrip("\n")

@@ -224,151 +224,203 @@ def _is_internlm2(model: Any, config_path: Path) -> bool:
     return "internlm2" in model.lower()
 
 
-def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Report]:
-    report = Report()
-    out: dict[str, Any] = {}
+@dataclass
+class _Mapping:
+    """The settings taken from one XTuner config so far, and the report of what was and was not."""
 
-    def take(key: str, value: Any) -> None:
+    path: Path  # the config file, named in refusals
+    out: dict[str, Any] = field(default_factory=dict)
+    report: Report = field(default_factory=Report)
+
+    def take(self, key: str, value: Any) -> None:
         if isinstance(value, Ref | Call | Unknown):
-            report.ignored[key] = f"{_short(value)} is not a plain value"
+            self.report.ignored[key] = f"{_short(value)} is not a plain value"
             return
-        out[key] = value
-        report.taken[key] = value
+        self.out[key] = value
+        self.report.taken[key] = value
 
-    def take_from(d: dict, names: dict[str, str]) -> None:
+    def take_from(self, d: dict, names: dict[str, str]) -> None:
         """Take d[src] as tuneforge's dst for each src -> dst that D sets."""
         for src, dst in names.items():
             if src in d:
-                take(dst, d[src])
+                self.take(dst, d[src])
 
-    for key in PLAIN:
-        if key in env:
-            take(key, env[key])
-    if isinstance(env.get("SYSTEM"), Ref):
-        report.ignored["SYSTEM"] = f"{env['SYSTEM'].path.split('.', 2)[-1]} is XTuner's text; set SYSTEM to the text itself"
-    if "prompt_template" in env:
-        name = _template(env["prompt_template"], report, "prompt_template")
-        if name:
-            take("prompt_template", name)
-    def optimizer(kind: Any, where: str) -> None:
+    def optimizer(self, kind: Any, where: str) -> None:
+        """optim_type from KIND, set at WHERE; only the optimizers tuneforge trains with pass."""
         name = kind.last if isinstance(kind, Ref) else kind if isinstance(kind, str) else _short(kind)
         if name not in OPTIMIZERS:
-            raise UserError(f"{path}: {where} = {name}: tuneforge trains with AdamW or AdamW8bit; "
+            raise UserError(f"{self.path}: {where} = {name}: tuneforge trains with AdamW or AdamW8bit; "
                             "set optim_type = AdamW")
-        take("optim_type", OPTIMIZERS[name])
+        self.take("optim_type", OPTIMIZERS[name])
 
+
+def _map_part1(m: _Mapping, env: dict[str, Any]) -> None:
+    """The PART 1 variables: plain values, the prompt template, the optimizer, sequence parallelism."""
+    for key in PLAIN:
+        if key in env:
+            m.take(key, env[key])
+    if isinstance(env.get("SYSTEM"), Ref):
+        m.report.ignored["SYSTEM"] = f"{env['SYSTEM'].path.split('.', 2)[-1]} is XTuner's text; set SYSTEM to the text itself"
+    if "prompt_template" in env:
+        name = _template(env["prompt_template"], m.report, "prompt_template")
+        if name:
+            m.take("prompt_template", name)
     if "optim_type" in env:
-        optimizer(env["optim_type"], "optim_type")
+        m.optimizer(env["optim_type"], "optim_type")
     sp = env.get("sequence_parallel_size", 1)
     if sp not in (1, None):
-        raise UserError(f"{path}: sequence_parallel_size = {sp}: sequence parallelism is not supported; "
+        raise UserError(f"{m.path}: sequence_parallel_size = {sp}: sequence parallelism is not supported; "
                         "set it to 1 (several GPUs train data parallel with NPROC_PER_NODE)")
 
-    # model = dict(type=SupervisedFinetune, llm=dict(... quantization_config=...), lora=dict(...))
+
+def _map_model(m: _Mapping, env: dict[str, Any]) -> None:
+    """model = dict(type=SupervisedFinetune, llm=dict(... quantization_config=...), lora=dict(...))"""
     model = _sub(env, "model")
     llm = _sub(model, "llm")
-    take_from(llm, {"pretrained_model_name_or_path": "pretrained_model_name_or_path",
-                    "trust_remote_code": "trust_remote_code"})
+    m.take_from(llm, {"pretrained_model_name_or_path": "pretrained_model_name_or_path",
+                      "trust_remote_code": "trust_remote_code"})
     quant = llm.get("quantization_config")
     lora = model.get("lora")
     if isinstance(quant, dict) and quant.get("load_in_8bit"):
-        raise UserError(f"{path}: quantization_config load_in_8bit: tuneforge trains 4-bit QLoRA; "
+        raise UserError(f"{m.path}: quantization_config load_in_8bit: tuneforge trains 4-bit QLoRA; "
                         "use load_in_4bit=True")
     four_bit = isinstance(quant, dict) and quant.get("load_in_4bit")
     if isinstance(lora, dict):
-        take("method", "qlora" if four_bit else "lora")
-        take_from(lora, {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                         "target_modules": "lora_target_modules"})
-        if "target_modules" not in lora and _is_internlm2(out.get("pretrained_model_name_or_path"), path):
-            take("lora_target_modules", INTERNLM2_ALL_LINEAR)
+        m.take("method", "qlora" if four_bit else "lora")
+        m.take_from(lora, {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                           "target_modules": "lora_target_modules"})
+        if "target_modules" not in lora and _is_internlm2(m.out.get("pretrained_model_name_or_path"), m.path):
+            m.take("lora_target_modules", INTERNLM2_ALL_LINEAR)
     elif model:
-        take("method", "full")
+        m.take("method", "full")
     if four_bit:
-        take_from(quant, {"bnb_4bit_quant_type": "bnb_4bit_quant_type",
-                          "bnb_4bit_use_double_quant": "bnb_4bit_use_double_quant"})
+        m.take_from(quant, {"bnb_4bit_quant_type": "bnb_4bit_quant_type",
+                            "bnb_4bit_use_double_quant": "bnb_4bit_use_double_quant"})
     if "torch_dtype" in llm:
-        report.ignored["torch_dtype"] = "tuneforge picks bf16 where the GPU has it (fp32 master weights on CPU)"
+        m.report.ignored["torch_dtype"] = "tuneforge picks bf16 where the GPU has it (fp32 master weights on CPU)"
 
-    # the dataset: dict(type=process_hf_dataset, dataset=dict(type=load_dataset, ...), ...)
+
+def _find_dataset(env: dict[str, Any]) -> dict | None:
+    """The first process_hf_dataset dict: the train dataloader's, else any top-level one."""
     datasets = [d for d in _walk_dicts(env.get("train_dataloader", {})) if _type_name(d) == "process_hf_dataset"]
     datasets = datasets or [d for v in env.values() for d in _walk_dicts(v) if _type_name(d) == "process_hf_dataset"]
-    if datasets:
-        ds = datasets[0]
-        inner = _sub(ds, "dataset")
-        files = inner.get("data_files")
-        if files is None and isinstance(inner.get("path"), str) and inner.get("path") not in ("json", "csv", "parquet"):
-            files = inner["path"]  # a hub dataset name, or a local path
-        if files is not None:
-            take("data_files", list(files.values())[0] if isinstance(files, dict) and len(files) == 1 else files)
-            for alias in ("alpaca_en_path", "data_path"):
-                if alias in out and out[alias] != out.get("data_files"):
-                    del out[alias], report.taken[alias]
-                    report.ignored[alias] = "the dataset's data_files are used"
-        map_fn = ds.get("dataset_map_fn")
-        if isinstance(map_fn, Ref):
-            if map_fn.last not in MAP_FNS:
-                raise UserError(f"{path}: dataset_map_fn={map_fn.last}: tuneforge reads alpaca, XTuner "
-                                "conversation, OpenAI messages and ShareGPT records directly; convert the data "
-                                f"to one of them, or use one of: {', '.join(sorted(MAP_FNS))} or None")
-            take("data_format", MAP_FNS[map_fn.last])
-        elif map_fn is None and "dataset_map_fn" in ds:
-            take("data_format", "auto")
-        tmpl = ds.get("template_map_fn")
-        if isinstance(tmpl, dict) and "template" in tmpl:
-            name = _template(tmpl["template"], report, "template_map_fn.template")
-            if name:
-                take("prompt_template", name)
-        take_from(ds, {"max_length": "max_length", "pack_to_max_length": "pack_to_max_length"})
-        if ds.get("shuffle_before_pack") is False:
-            report.ignored["shuffle_before_pack"] = "tuneforge packs longest-first and shuffles rows per epoch"
+    return datasets[0] if datasets else None
 
-    # optimizer, clipping, accumulation
+
+def _map_data_files(m: _Mapping, ds: dict) -> None:
+    """dataset=dict(type=load_dataset, path=..., data_files=...): the files, over PART 1's aliases."""
+    inner = _sub(ds, "dataset")
+    files = inner.get("data_files")
+    if files is None and isinstance(inner.get("path"), str) and inner.get("path") not in ("json", "csv", "parquet"):
+        files = inner["path"]  # a hub dataset name, or a local path
+    if files is None:
+        return
+    m.take("data_files", list(files.values())[0] if isinstance(files, dict) and len(files) == 1 else files)
+    for alias in ("alpaca_en_path", "data_path"):
+        if alias in m.out and m.out[alias] != m.out.get("data_files"):
+            del m.out[alias], m.report.taken[alias]
+            m.report.ignored[alias] = "the dataset's data_files are used"
+
+
+def _map_data_format(m: _Mapping, ds: dict) -> None:
+    """dataset_map_fn: one whose records tuneforge reads itself, or None (tuneforge detects the format)."""
+    map_fn = ds.get("dataset_map_fn")
+    if isinstance(map_fn, Ref):
+        if map_fn.last not in MAP_FNS:
+            raise UserError(f"{m.path}: dataset_map_fn={map_fn.last}: tuneforge reads alpaca, XTuner "
+                            "conversation, OpenAI messages and ShareGPT records directly; convert the data "
+                            f"to one of them, or use one of: {', '.join(sorted(MAP_FNS))} or None")
+        m.take("data_format", MAP_FNS[map_fn.last])
+    elif map_fn is None and "dataset_map_fn" in ds:
+        m.take("data_format", "auto")
+
+
+def _map_dataset(m: _Mapping, env: dict[str, Any]) -> None:
+    """The dataset: dict(type=process_hf_dataset, dataset=dict(type=load_dataset, ...), ...)"""
+    ds = _find_dataset(env)
+    if ds is None:
+        return
+    _map_data_files(m, ds)
+    _map_data_format(m, ds)
+    tmpl = ds.get("template_map_fn")
+    if isinstance(tmpl, dict) and "template" in tmpl:
+        name = _template(tmpl["template"], m.report, "template_map_fn.template")
+        if name:
+            m.take("prompt_template", name)
+    m.take_from(ds, {"max_length": "max_length", "pack_to_max_length": "pack_to_max_length"})
+    if ds.get("shuffle_before_pack") is False:
+        m.report.ignored["shuffle_before_pack"] = "tuneforge packs longest-first and shuffles rows per epoch"
+
+
+def _map_optimizer(m: _Mapping, env: dict[str, Any]) -> None:
+    """optim_wrapper: the optimizer, clipping, accumulation."""
     wrapper = _sub(env, "optim_wrapper")
     opt = _sub(wrapper, "optimizer")
-    take_from(opt, {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"})
+    m.take_from(opt, {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"})
     if "type" in opt:
-        optimizer(opt["type"], "optim_wrapper.optimizer.type")
-    take_from(_sub(wrapper, "clip_grad"), {"max_norm": "max_norm"})
-    take_from(wrapper, {"accumulative_counts": "accumulative_counts"})
+        m.optimizer(opt["type"], "optim_wrapper.optimizer.type")
+    m.take_from(_sub(wrapper, "clip_grad"), {"max_norm": "max_norm"})
+    m.take_from(wrapper, {"accumulative_counts": "accumulative_counts"})
     if "dtype" in wrapper or "loss_scale" in wrapper:
-        report.ignored["optim_wrapper.dtype/loss_scale"] = "bf16 needs no loss scaling"
+        m.report.ignored["optim_wrapper.dtype/loss_scale"] = "bf16 needs no loss scaling"
 
-    # schedule: LinearLR warmup over `end` epochs (or iterations), then cosine
-    epochs = out.get("max_epochs")
+
+def _map_schedule(m: _Mapping, env: dict[str, Any]) -> None:
+    """train_cfg, and param_scheduler: LinearLR warmup over `end` epochs (or iterations), then cosine."""
+    epochs = m.out.get("max_epochs")
     train_cfg = _sub(env, "train_cfg")
-    take_from(train_cfg, {"max_epochs": "max_epochs", "max_iters": "max_steps"})
+    m.take_from(train_cfg, {"max_epochs": "max_epochs", "max_iters": "max_steps"})
     epochs = train_cfg.get("max_epochs", epochs)
     for sched in env.get("param_scheduler") or []:
         if not isinstance(sched, dict):
             continue
         if _type_name(sched) == "LinearLR" and isinstance(sched.get("end"), int | float):
             if sched.get("by_epoch", True) and epochs:
-                take("warmup_ratio", round(sched["end"] / epochs, 6))
+                m.take("warmup_ratio", round(sched["end"] / epochs, 6))
             else:
-                report.ignored["param_scheduler.LinearLR"] = "warmup given in iterations; set warmup_ratio"
+                m.report.ignored["param_scheduler.LinearLR"] = "warmup given in iterations; set warmup_ratio"
         elif _type_name(sched) == "CosineAnnealingLR" and sched.get("eta_min", 0):
-            report.ignored["CosineAnnealingLR.eta_min"] = "tuneforge decays to 0"
+            m.report.ignored["CosineAnnealingLR.eta_min"] = "tuneforge decays to 0"
 
-    # evaluation and checkpoint hooks
+
+def _map_hooks(m: _Mapping, env: dict[str, Any]) -> None:
+    """custom_hooks' EvaluateChatHook and default_hooks' checkpoint."""
     for hook in env.get("custom_hooks") or []:
         if isinstance(hook, dict) and _type_name(hook) == "EvaluateChatHook":
             plain = {k: v for k, v in hook.items() if not isinstance(v, Ref)}  # SYSTEM_TEMPLATE.x: see above
-            take_from(plain, {"every_n_iters": "evaluation_freq", "evaluation_inputs": "evaluation_inputs",
-                              "system": "SYSTEM"})
-    take_from(_sub(_sub(env, "default_hooks"), "checkpoint"),
-              {"interval": "save_steps", "max_keep_ckpts": "save_total_limit", "save_last": "save_last"})
+            m.take_from(plain, {"every_n_iters": "evaluation_freq", "evaluation_inputs": "evaluation_inputs",
+                                "system": "SYSTEM"})
+    m.take_from(_sub(_sub(env, "default_hooks"), "checkpoint"),
+                {"interval": "save_steps", "max_keep_ckpts": "save_total_limit", "save_last": "save_last"})
+
+
+def _map_runtime(m: _Mapping, env: dict[str, Any]) -> None:
+    """randomness' seed, and a line for each other top-level name tuneforge does not use."""
     seed = _sub(env, "randomness").get("seed")
     if isinstance(seed, int):
-        take("seed", seed)
-
+        m.take("seed", seed)
     for key, value in env.items():
-        if key in out or key in report.ignored or key in PLAIN or isinstance(value, Ref) \
+        if key in m.out or key in m.report.ignored or key in PLAIN or isinstance(value, Ref) \
                 or key in ("prompt_template", "optim_type") or _type_name(value):
             continue  # taken, imported, or a typed dict read above (the dataset, the model...)
         reason = MACHINERY.get(key, "not a tuneforge setting")
         if not reason.startswith("read for"):
-            report.ignored[key] = reason
-    return out, report
+            m.report.ignored[key] = reason
+
+
+# In this order: a later section overrides what an earlier one took (the dataset's max_length
+# over PART 1's), the report lists settings in the order first taken, and the last one reports
+# what no section read.
+_SECTIONS = (_map_part1, _map_model, _map_dataset, _map_optimizer, _map_schedule, _map_hooks, _map_runtime)
+
+
+def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Report]:
+    """tuneforge's settings from the evaluated top level ENV of the XTuner config at PATH, and
+    the report of what was taken and ignored; what cannot be mapped faithfully raises UserError."""
+    m = _Mapping(path)
+    for section in _SECTIONS:
+        section(m, env)
+    return m.out, m.report
 
 
 def read_xtuner_config(path: Path) -> tuple[dict[str, Any], Report]:
