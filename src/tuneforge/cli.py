@@ -74,10 +74,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             if code:
                 raise UserError(f"a rank failed (exit {code}); its error is printed above")
             return
-    from tuneforge.train.loop import train
+    from tuneforge.train.options import RunOptions
+    from tuneforge.train.recipe import train
 
-    train(cfg, work_dir, resume=args.resume, deepspeed=args.deepspeed, progress=not args.no_progress,
-          fsdp=args.fsdp, profile=args.profile)
+    # TUNEFORGE_COMPILE=0 is the older spelling of --no-compile, read here and nowhere deeper
+    compile_layers = not args.no_compile and os.environ.get("TUNEFORGE_COMPILE", "1") != "0"
+    train(cfg, work_dir, RunOptions(resume=args.resume, deepspeed=args.deepspeed, fsdp=args.fsdp,
+                                    profile=args.profile, progress=not args.no_progress,
+                                    compile=compile_layers))
 
 
 def cmd_pth_to_hf(args: argparse.Namespace) -> None:
@@ -248,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several ranks: shard weights, gradients and optimizer state (PyTorch FSDP2)")
     s.add_argument("--profile", action="store_true",
                    help="record steps 3-5 with torch.profiler: how busy the GPU is, and where the time goes")
+    s.add_argument("--no-compile", action="store_true",
+                   help="run the decoder layers and fused maths eagerly on a GPU (no torch.compile)")
     s.add_argument("--launcher", choices=["none", "slurm"], default="none",
                    help="slurm: this process is one task started by srun (NPROC_PER_NODE is for torchrun)")
     s.set_defaults(func=cmd_train)

@@ -11,7 +11,8 @@ from tuneforge.convert.pth_to_hf import convert_checkpoint
 from tuneforge.data.templates import TEMPLATE_FILE
 from tuneforge.errors import UserError
 from tuneforge.train.checkpoint import load_checkpoint
-from tuneforge.train.loop import train
+from tuneforge.train.options import RunOptions
+from tuneforge.train.recipe import train
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     write_self_cognition(root / "id.jsonl", "龙", "Long")
     cfg = tiny_config(tiny_model_dir, root / "id.jsonl", max_steps=4, lr=5e-2,
                       prompt_template="llama3_chat")
-    return train(cfg, root / "work", progress=False)
+    return train(cfg, root / "work", RunOptions(progress=False))
 
 
 def logits(model, ids):
@@ -51,8 +52,8 @@ def test_pth_to_hf_writes_a_peft_adapter_that_reproduces_the_trained_model(lora_
     ckpt = load_checkpoint(lora_run)
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(out))
     state = {k: v for k, v in again.state_dict().items() if "lora_" in k}
-    assert set(state) == set(ckpt["state_dict"])
-    for k, v in ckpt["state_dict"].items():
+    assert set(state) == set(ckpt.state_dict)
+    for k, v in ckpt.state_dict.items():
         torch.testing.assert_close(state[k], v)
 
 
@@ -84,11 +85,11 @@ def test_full_checkpoint_converts_to_a_hf_model(tiny_model_dir, identity_data, t
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(tiny_model_dir, identity_data, method="full", max_steps=2, lr=1e-2)
-    last = train(cfg, tmp_path / "w", progress=False)
+    last = train(cfg, tmp_path / "w", RunOptions(progress=False))
     out = convert_checkpoint(last, tmp_path / "hf", fp32=True)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ckpt = load_checkpoint(last)
-    for k, v in ckpt["state_dict"].items():
+    for k, v in ckpt.state_dict.items():
         torch.testing.assert_close(model.state_dict()[k], v)
 
 

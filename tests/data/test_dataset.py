@@ -106,10 +106,11 @@ def test_parquet_source(tiny_model_dir, tokenizer, tmp_path):
 
 
 def test_few_steps_per_epoch_warns(tiny_model_dir, identity_data, tmp_path, capsys):
-    from tuneforge.train.loop import train
+    from tuneforge.train.options import RunOptions
+    from tuneforge.train.recipe import train
 
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=None, max_epochs=1, max_length=512,
                       batch_size=1, accumulative_counts=16)
-    train(cfg.model_copy(update={"max_epochs": 1}), tmp_path / "w", progress=False)
+    train(cfg.model_copy(update={"max_epochs": 1}), tmp_path / "w", RunOptions(progress=False))
     out = capsys.readouterr()
     assert "optimizer step(s) per epoch" in out.out + out.err

@@ -3,9 +3,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tuneforge.data.batching import collate
 from tuneforge.data.encode import IGNORE, Encoded
 from tuneforge.data.pack import fill_rate, pack, pack_lengths
-from tuneforge.train.loop import collate, loss_sum
+from tuneforge.train.loss import loss_sum
 
 
 def fake(n: int, start: int) -> Encoded:

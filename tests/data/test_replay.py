@@ -28,11 +28,12 @@ def test_replay_is_the_base_models_own_answers_and_is_keyed_by_model(tiny_model_
 
 def test_training_with_replay_mixes_it_in(tiny_model_dir, identity_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
-    from tuneforge.train.loop import train
+    from tuneforge.train.options import RunOptions
+    from tuneforge.train.recipe import train
 
     cfg = tiny_config(tiny_model_dir, identity_data, replay_general=True, replay_max_new_tokens=4,
                       max_steps=2, identity_guard=True, evaluation_max_new_tokens=4)
-    train(cfg, tmp_path / "w", progress=False)
+    train(cfg, tmp_path / "w", RunOptions(progress=False))
     out = capsys.readouterr()
     assert "data with replay:" in out.out + out.err
     assert list((tmp_path / "cache" / "replay").glob("*.jsonl"))
@@ -49,11 +50,12 @@ def test_qlora_on_a_cpu_replays_the_unquantized_base_with_progress(tiny_model_di
 
     from tuneforge.models.generate import Sampling, generate_batch
     from tuneforge.models.load import load_model, load_tokenizer
-    from tuneforge.train.loop import train
+    from tuneforge.train.options import RunOptions
+    from tuneforge.train.recipe import train
 
     cfg = tiny_config(tiny_model_dir, identity_data, method="qlora", replay_general=True,
                       replay_max_new_tokens=4, max_steps=1)
-    train(cfg, tmp_path / "w", progress=True)
+    train(cfg, tmp_path / "w", RunOptions(progress=True))
     out = capsys.readouterr()
     prompts = GENERAL_EN + GENERAL_ZH
     assert f"(unquantized: 4-bit is slow on a CPU) answers {len(prompts)} general prompts" in out.out

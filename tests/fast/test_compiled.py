@@ -15,7 +15,7 @@ import torch
 from tuneforge.fast import recompute
 from tuneforge.fast.compiled import compile_layers
 from tuneforge.fast.path import enable
-from tuneforge.fast.path import loss_sum as fast_loss_sum
+from tuneforge.train.loss import loss_sum
 
 
 def _lora_llama():
@@ -36,7 +36,7 @@ def _lora_llama():
 
 def _step(model, batch):
     model.zero_grad()
-    loss = fast_loss_sum(model, batch, enable(model, varlen=False))
+    loss = loss_sum(model, batch, enable(model, varlen=False))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from tuneforge.data.batching import collate, cu_seqlens, varlen_kwargs
 from tuneforge.fast import attention, recompute
 from tuneforge.fast.path import FastPath, enable
-from tuneforge.fast.path import loss_sum as fast_loss_sum
-from tuneforge.train.loop import collate, loss_sum, train
+from tuneforge.train.loss import loss_sum
+from tuneforge.train.options import RunOptions
+from tuneforge.train.recipe import train
 
 
 def _losses(work_dir) -> list[float]:
@@ -30,7 +32,7 @@ def test_fifty_steps_of_the_fast_path_match_the_plain_path(tiny_model_dir, ident
         cfg = tiny_config(tiny_model_dir, identity_data, method=method, max_steps=50, save_steps=100,
                           batch_size=1, accumulative_counts=1, lr=1e-2 if method != "full" else 2e-3,
                           fast_path=fast, dtype=dtype)
-        train(cfg, tmp_path / str(fast), progress=False)
+        train(cfg, tmp_path / str(fast), RunOptions(progress=False))
         curves[fast] = _losses(tmp_path / str(fast))
     plain, fast = curves[False], curves[True]
     assert len(plain) == len(fast) == 50
@@ -65,15 +67,15 @@ def test_varlen_attention_keeps_packed_samples_apart(tiny_model_dir, tokenizer):
     model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32,
                        attn_implementation=attention.register())
     fast = enable(model, varlen=True)
-    got = fast_loss_sum(model, {**batch, **attention.varlen_kwargs(batch["position_ids"])}, fast)
+    got = loss_sum(model, {**batch, **varlen_kwargs(batch["position_ids"])}, fast)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     # and without the boundaries the samples would see each other: the test can tell
-    leaky = fast_loss_sum(model, {**batch, "position_ids": torch.arange(17)[None]}, fast)
+    leaky = loss_sum(model, {**batch, "position_ids": torch.arange(17)[None]}, fast)
     assert not torch.allclose(leaky, want, rtol=1e-3)
 
 
 def test_cu_seqlens_from_restarting_positions():
-    cu, longest = attention.cu_seqlens(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]))
+    cu, longest = cu_seqlens(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]))
     assert cu.tolist() == [0, 3, 5, 6, 10, 12] and longest == 4
 
 
@@ -195,10 +197,10 @@ def test_the_chunked_head_trains_a_lora_on_the_head_like_peft(tiny_model_dir, to
         return (loss.detach(), *torch.autograd.grad(loss, [head_a, head_b]))
 
     plain = run(lambda: loss_sum(model, batch, None))
-    chunked = run(lambda: fast_loss_sum(model, batch, fast))
+    chunked = run(lambda: loss_sum(model, batch, fast))
     for want, got in zip(plain, chunked, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert chunked[2].abs().sum() > 0
     if dropout:
         model.train()
-        assert not torch.allclose(run(lambda: fast_loss_sum(model, batch, fast))[0], chunked[0])
+        assert not torch.allclose(run(lambda: loss_sum(model, batch, fast))[0], chunked[0])

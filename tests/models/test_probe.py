@@ -49,14 +49,15 @@ def test_training_a_remote_code_model_unpacks_and_the_loss_falls(remote_dir, tmp
     from conftest import tiny_config
 
     from tuneforge.train.checkpoint import load_checkpoint
-    from tuneforge.train.loop import train
+    from tuneforge.train.options import RunOptions
+    from tuneforge.train.recipe import train
 
     cfg = tiny_config(remote_dir, identity_data, trust_remote_code=True, max_steps=8, lr=1e-2)
-    last = train(cfg, tmp_path / "work", progress=False)
+    last = train(cfg, tmp_path / "work", RunOptions(progress=False))
     out = capsys.readouterr()
     said = out.out + out.err
     assert "one sample per row" in said and "plain path" in said
-    assert load_checkpoint(last)["config"]["pack_to_max_length"] is False
+    assert load_checkpoint(last).config["pack_to_max_length"] is False
     import json
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "work" / "train_log.jsonl").read_text().splitlines())
               if "loss" in r]

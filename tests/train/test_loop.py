@@ -8,7 +8,8 @@ from conftest import tiny_config
 
 from tuneforge.errors import UserError
 from tuneforge.train.checkpoint import LAST, list_checkpoints, load_checkpoint
-from tuneforge.train.loop import train
+from tuneforge.train.options import RunOptions
+from tuneforge.train.recipe import train
 
 
 def losses(work_dir) -> list[float]:
@@ -22,21 +23,21 @@ def test_loss_goes_down(tiny_model_dir, identity_data, tmp_path, method):
         pytest.importorskip("bitsandbytes")
     cfg = tiny_config(tiny_model_dir, identity_data, method=method, max_steps=12, save_steps=100,
                       lr=5e-2 if method != "full" else 1e-2)
-    last = train(cfg, tmp_path / "w", progress=False)
+    last = train(cfg, tmp_path / "w", RunOptions(progress=False))
     curve = losses(tmp_path / "w")
     assert len(curve) == 12
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 1.0, curve    # nats
     ckpt = load_checkpoint(last)
-    assert ckpt["method"] == method and ckpt["step"] == 12
+    assert ckpt.method == method and ckpt.step == 12
     if method != "full":  # only the adapter is saved, not the frozen base
-        assert all("lora_" in k for k in ckpt["state_dict"])
+        assert all("lora_" in k for k in ckpt.state_dict)
 
 
 def test_checkpoints_rotate_and_last_checkpoint_points_to_newest(tiny_model_dir, identity_data, tmp_path):
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=7, save_steps=2, save_total_limit=2,
                       evaluation_inputs=["你是谁？"], evaluation_freq=3, evaluation_max_new_tokens=4)
     work = tmp_path / "w"
-    train(cfg, work, progress=False)
+    train(cfg, work, RunOptions(progress=False))
     assert [p.name for p in list_checkpoints(work)] == ["iter_6.pth", "iter_7.pth"]
     assert (work / LAST).read_text().strip().endswith("iter_7.pth")
     evals = (work / "eval_outputs.txt").read_text()
@@ -47,33 +48,32 @@ def test_checkpoints_rotate_and_last_checkpoint_points_to_newest(tiny_model_dir,
 def test_resume_continues_exactly(tiny_model_dir, identity_data, tmp_path):
     """6 steps straight == 3 steps, stop, resume for the other 3 (same weights, same losses)."""
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=6, save_steps=3, lora_dropout=0.1)
-    straight = load_checkpoint(train(cfg, tmp_path / "a", progress=False))
+    straight = load_checkpoint(train(cfg, tmp_path / "a", RunOptions(progress=False)))
 
-    train(cfg, tmp_path / "b", progress=False)  # writes iter_3 and iter_6
+    train(cfg, tmp_path / "b", RunOptions(progress=False))  # writes iter_3 and iter_6
     (tmp_path / "b" / "iter_6.pth").unlink()
     log = tmp_path / "b" / "train_log.jsonl"
     log.write_text("\n".join(log.read_text().splitlines()[:4]) + "\n")  # start + 3 steps
-    resumed = load_checkpoint(train(cfg, tmp_path / "b", resume=str(tmp_path / "b" / "iter_3.pth"),
-                                    progress=False))
+    resumed = load_checkpoint(train(cfg, tmp_path / "b", RunOptions(resume=str(tmp_path / "b" / "iter_3.pth"), progress=False)))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
-    for k, v in straight["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=1e-6, atol=1e-7)
+    for k, v in straight.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=1e-6, atol=1e-7)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_model_dir, identity_data, tmp_path):
     cfg = tiny_config(tiny_model_dir, identity_data)
     with pytest.raises(UserError, match="no checkpoint"):
-        train(cfg, tmp_path / "empty", resume=True, progress=False)
+        train(cfg, tmp_path / "empty", RunOptions(resume=True, progress=False))
 
 
 def test_missing_data_file_is_named(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path / "nope.jsonl")
     with pytest.raises(UserError, match="nope.jsonl' not found"):
-        train(cfg, tmp_path / "w", progress=False)
+        train(cfg, tmp_path / "w", RunOptions(progress=False))
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_model_dir, identity_data, tmp_path, monkeypatch):
-    import tuneforge.train.loop as loop
+    import tuneforge.train.recipe as loop
 
     real = loop.loss_sum
     calls = {"n": 0}
@@ -85,29 +85,34 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_model_dir, ident
 
     monkeypatch.setattr(loop, "loss_sum", sometimes_nan)
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=4, save_steps=100)
-    last = train(cfg, tmp_path / "w", progress=False)
+    last = train(cfg, tmp_path / "w", RunOptions(progress=False))
     log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "skipped_update" in r] == [2]
-    state = load_checkpoint(last)["state_dict"]
+    state = load_checkpoint(last).state_dict
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
 def test_repeated_non_finite_losses_stop_with_a_clear_message(tiny_model_dir, identity_data, tmp_path, monkeypatch):
-    import tuneforge.train.loop as loop
+    import tuneforge.train.recipe as loop
 
-    monkeypatch.setattr(loop, "loss_sum", lambda model, batch, *rest: loop.F.cross_entropy(
+    monkeypatch.setattr(loop, "loss_sum", lambda model, batch, *rest: torch.nn.functional.cross_entropy(
         torch.full((1, 3), float("nan"), requires_grad=True), torch.tensor([0]), reduction="sum"))
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=20, save_steps=100)
     with pytest.raises(UserError, match="non-finite loss or gradient; stopped.*last good checkpoint: none yet"):
-        train(cfg, tmp_path / "w", progress=False)
+        train(cfg, tmp_path / "w", RunOptions(progress=False))
 
 
 def test_a_full_disk_mid_run_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     import errno
 
+    from tuneforge.data.templates import Template
     from tuneforge.train import checkpoint
 
-    good = checkpoint.save_checkpoint(tmp_path, 2, {"state_dict": {}, "step": 2}, keep=2)
+    def ckpt(step: int) -> checkpoint.Checkpoint:
+        return checkpoint.Checkpoint(step=step, state_dict={}, optimizer={}, scheduler={}, rng={}, config={},
+                                     method="lora", template=Template("chatml", "", ()))
+
+    good = checkpoint.save_checkpoint(tmp_path, ckpt(2), keep=2)
 
     def full(obj, f):
         f.write(b"partial")
@@ -116,22 +121,22 @@ def test_a_full_disk_mid_run_names_the_last_good_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(checkpoint.torch, "save", full)
     with pytest.raises(UserError, match=r"could not write checkpoint .*iter_4.pth: No space left on device; "
                                         r"the last good checkpoint is .*iter_2.pth"):
-        checkpoint.save_checkpoint(tmp_path, 4, {"state_dict": {}, "step": 4}, keep=2)
-    assert not (tmp_path / "iter_4.pth.tmp").exists() and not (tmp_path / "iter_4.pth").exists()
+        checkpoint.save_checkpoint(tmp_path, ckpt(4), keep=2)
+    assert not list(tmp_path.glob("iter_4.pth*"))
     assert checkpoint.find_resume(tmp_path, None) == good.resolve()
 
 
 def test_save_last_false_writes_only_the_save_steps_checkpoints(tiny_model_dir, identity_data, tmp_path):
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=5, save_steps=2, save_total_limit=-1,
                       save_last=False)
-    assert train(cfg, tmp_path / "w", progress=False).name == "iter_4.pth"
+    assert train(cfg, tmp_path / "w", RunOptions(progress=False)).name == "iter_4.pth"
     assert [p.name for p in list_checkpoints(tmp_path / "w")] == ["iter_2.pth", "iter_4.pth"]
     none = tiny_config(tiny_model_dir, identity_data, max_steps=3, save_steps=10, save_last=False)
-    assert train(none, tmp_path / "n", progress=False) is None
+    assert train(none, tmp_path / "n", RunOptions(progress=False)) is None
 
 
 def test_checkpoints_kept_counts_what_will_be_on_disk(tiny_model_dir, identity_data):
-    from tuneforge.train.loop import checkpoints_kept
+    from tuneforge.train.checks import checkpoints_kept
 
     def kept(steps: int, **kw) -> int:
         return checkpoints_kept(tiny_config(tiny_model_dir, identity_data, **kw), steps)
@@ -144,10 +149,10 @@ def test_checkpoints_kept_counts_what_will_be_on_disk(tiny_model_dir, identity_d
 
 def test_a_bf16_full_fine_tune_warns_that_small_updates_round_away(tiny_model_dir, identity_data, tmp_path, capsys):
     cfg = tiny_config(tiny_model_dir, identity_data, method="full", dtype="bfloat16", max_steps=1, save_steps=100)
-    train(cfg, tmp_path / "w", progress=False)
+    train(cfg, tmp_path / "w", RunOptions(progress=False))
     assert "below bf16's precision" in capsys.readouterr().out
     fp32 = tiny_config(tiny_model_dir, identity_data, method="full", max_steps=1, save_steps=100)
-    train(fp32, tmp_path / "f", progress=False)
+    train(fp32, tmp_path / "f", RunOptions(progress=False))
     assert "bf16's precision" not in capsys.readouterr().out
 
 
@@ -162,7 +167,7 @@ def test_a_full_fine_tune_with_bf16_compute_does_not_lose_small_updates(tiny_mod
     for dtype in ("auto", "bfloat16"):
         cfg = tiny_config(tiny_model_dir, identity_data, method="full", dtype=dtype, lr=2e-5, max_steps=3,
                           save_steps=3)
-        weights = load_checkpoint(train(cfg, tmp_path / dtype, progress=False))["state_dict"]
+        weights = load_checkpoint(train(cfg, tmp_path / dtype, RunOptions(progress=False))).state_dict
         changed = [(w.float() != start[n].to(w.dtype).float()).float().mean().item() for n, w in weights.items()]
         moved[dtype] = (sum(changed) / len(changed), {w.dtype for w in weights.values()})
     assert moved["auto"][1] == {torch.float32} and moved["auto"][0] > 0.95, moved
@@ -171,20 +176,28 @@ def test_a_full_fine_tune_with_bf16_compute_does_not_lose_small_updates(tiny_mod
 
 def test_the_memory_plan_counts_what_each_engine_leaves_on_a_gpu():
     from tuneforge.train import zero
-    from tuneforge.train.loop import Shares, first_step_bytes, shares
+    from tuneforge.train.engines.base import LocalEngine, Shares
+    from tuneforge.train.engines.data_parallel import DataParallelEngine
+    from tuneforge.train.engines.deepspeed import DeepSpeedEngine
+    from tuneforge.train.engines.fsdp import FSDPEngine
+    from tuneforge.train.optim import first_step_bytes
+    from tuneforge.train.parallel import Ranks
+
+    def ds(name: str, world: int) -> Shares:
+        return DeepSpeedEngine(Ranks(0, world), zero.resolve(name)[0]).shares(cfg)
 
     cfg = tiny_config("m", "d.jsonl", method="full")
     bf16 = [torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))]
     # one GPU: bf16 gradients (2 bytes) and fp32 moments (8)
     assert first_step_bytes(bf16, cfg) == 10_000
-    zero3 = shares(cfg, 2, False, zero.resolve("deepspeed_zero3")[0])
+    assert first_step_bytes(bf16, cfg, LocalEngine(Ranks()).shares(cfg)) == 10_000
+    zero3 = ds("deepspeed_zero3", 2)
     assert zero3 == Shares(weights=0.5, gradients=0.5, optimizer=0.5, fp32_master=True)
     assert first_step_bytes(bf16, cfg, zero3) == 1000 + 6000  # half the gradients, moments and fp32 master
-    zero1 = shares(cfg, 2, False, zero.resolve("deepspeed_zero1")[0])
+    zero1 = ds("deepspeed_zero1", 2)
     assert (zero1.weights, zero1.gradients, zero1.optimizer) == (1.0, 1.0, 0.5)
-    offload = shares(cfg, 4, False, zero.resolve("deepspeed_zero2_offload")[0])
-    assert first_step_bytes(bf16, cfg, offload) == 500  # the optimizer state lives on the CPU
-    assert shares(cfg, 2, True, None) == Shares(weights=0.5, gradients=0.5, optimizer=0.5)
+    assert first_step_bytes(bf16, cfg, ds("deepspeed_zero2_offload", 4)) == 500  # optimizer state on the CPU
+    assert FSDPEngine(Ranks(0, 2), None).shares(cfg) == Shares(weights=0.5, gradients=0.5, optimizer=0.5)
     lora = tiny_config("m", "d.jsonl")
-    assert shares(lora, 2, True, None).weights == 1.0  # the frozen base stays whole under FSDP2
-    assert shares(cfg, 2, False, None) == Shares()  # data parallel: every rank holds everything
+    assert FSDPEngine(Ranks(0, 2), None).shares(lora).weights == 1.0  # the frozen base stays whole under FSDP2
+    assert DataParallelEngine(Ranks(0, 2)).shares(cfg) == Shares()  # every rank holds everything

@@ -90,7 +90,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(bundled_path, reference, 
 
     out = convert_checkpoint(tmp_path / "two" / "iter_10.pth", tmp_path / "hf", fp32=True)
     assert (out / "adapter_model.safetensors").is_file()
-    mine, theirs = (load_checkpoint(p)["state_dict"] for p in (tmp_path / "two" / "iter_10.pth",
+    mine, theirs = (load_checkpoint(p).state_dict for p in (tmp_path / "two" / "iter_10.pth",
                                                                root / "one" / "iter_10.pth"))
     assert set(mine) == set(theirs)
     # Compared as whole tensors: where a gradient is ~0, Adam's step is +-lr on the last bits' sign.
@@ -151,7 +151,7 @@ def test_full_fsdp2_with_bf16_compute_keeps_fp32_master_weights(bundled_path, re
         runs.append(_train(cfg, tmp_path / f"w{nproc}", nproc, *flags))
     for a, b in zip(runs[1], runs[0], strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-2 * abs(b["loss"]), (a, b)
-    weights = load_checkpoint(tmp_path / "w2" / "iter_3.pth")["state_dict"]
+    weights = load_checkpoint(tmp_path / "w2" / "iter_3.pth").state_dict
     assert {w.dtype for w in weights.values()} == {torch.float32}
 
 

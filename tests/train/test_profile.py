@@ -4,8 +4,9 @@ import json
 
 from conftest import tiny_config
 
-from tuneforge.train.loop import train
+from tuneforge.train.options import RunOptions
 from tuneforge.train.profile import busy, covered_us, idle_by_phase, idle_spans
+from tuneforge.train.recipe import train
 
 
 def test_overlapping_kernels_count_once():
@@ -47,7 +48,7 @@ def test_gpu_idle_time_is_told_by_the_phase_the_cpu_was_in():
 
 def test_profile_writes_a_table_and_a_trace_and_logs_the_summary(tiny_model_dir, identity_data, tmp_path, capsys):
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=6, save_steps=100)
-    train(cfg, tmp_path / "w", progress=False, profile=True)
+    train(cfg, tmp_path / "w", RunOptions(progress=False, profile=True))
     table = (tmp_path / "w" / "profile" / "rank0.txt").read_text()
     assert "aten::" in table  # the operators that ran, with their times
     trace = json.loads((tmp_path / "w" / "profile" / "rank0.trace.json").read_text())
@@ -61,6 +62,6 @@ def test_profile_writes_a_table_and_a_trace_and_logs_the_summary(tiny_model_dir,
 
 def test_profile_of_a_short_run_records_what_there_is(tiny_model_dir, identity_data, tmp_path):
     cfg = tiny_config(tiny_model_dir, identity_data, max_steps=2, save_steps=100)
-    train(cfg, tmp_path / "w", progress=False, profile=True)
+    train(cfg, tmp_path / "w", RunOptions(progress=False, profile=True))
     records = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     assert [r["profile"]["steps"] for r in records if "profile" in r] == [1]

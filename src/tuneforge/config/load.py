@@ -110,6 +110,4 @@ def load_config(path: str | Path, cfg_options: dict[str, Any] | None = None) -> 
         )
     settings = _settings_of(path)
     settings.update(cfg_options or {})
-    cfg = build_config(settings, where=str(path))
-    cfg._source = str(path.resolve())
-    return cfg
+    return build_config({**settings, "config_file": str(path.resolve())}, where=str(path))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # XTuner's variable names that mean one of ours. The seed workflow edits these in a copied config.
 ALIASES: dict[str, str] = {
@@ -56,7 +56,7 @@ class Config(BaseModel):
     max_length: int = Field(2048, gt=8)
     pack_to_max_length: bool = True
     use_varlen_attn: bool = False  # accepted from XTuner configs; packed samples never see each other
-    # Mix the base model's own answers to ~190 shipped general prompts into training, so that
+    # Mix the base model's own answers to the 314 shipped general prompts into training, so that
     # identity data does not take over every answer (see data/replay.py).
     replay_general: bool = True
     replay_repeat: int = Field(2, ge=1)
@@ -86,9 +86,9 @@ class Config(BaseModel):
     identity_guard: bool = True  # also ask general questions at each evaluation; warn on leaks
     seed: int = 0
 
-    # Where the config file lives: relative data paths that do not exist from the working
-    # directory are looked up beside it.
-    _source: str | None = PrivateAttr(default=None)
+    # The file this config was read from (set by load_config): relative data paths that do not
+    # exist from the working directory are looked up beside it, and train keeps a copy of it.
+    config_file: str | None = None
 
     @field_validator("data_files")
     @classmethod

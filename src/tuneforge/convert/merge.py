@@ -10,14 +10,12 @@ written as Llama by default (every serving stack reads it without remote code), 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tuneforge.convert.layout import save_original_layout
 from tuneforge.data.templates import load_template, save_template, stop_token_ids
 from tuneforge.errors import UserError
+from tuneforge.files import atomic_directory
 from tuneforge.models import internlm2
 from tuneforge.models.adapters import attach_adapter
 from tuneforge.models.load import (
@@ -70,9 +68,7 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # Written beside OUT and moved into place whole: a crash leaves no folder without weights.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=True) as tmp:
         if layout == "original":
             save_original_layout(model, base_path, tmp, max_shard_size, tokenizer.chat_template)
         else:
@@ -84,9 +80,4 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
         (tmp / MERGE_FILE).write_text(json.dumps(
             {"base": base, "adapter": str(adapter.resolve()), "layout": layout}, ensure_ascii=False,
             indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -12,7 +12,7 @@ from tuneforge.errors import UserError
 from tuneforge.models import internlm2
 from tuneforge.models.adapters import to_original_layout, write_adapter
 from tuneforge.models.load import load_model, save_tokenizer, write_meta
-from tuneforge.train.checkpoint import load_checkpoint
+from tuneforge.train.checkpoint import Checkpoint, load_checkpoint
 
 
 def peft_key(name: str) -> str:
@@ -61,9 +61,9 @@ def convert_checkpoint(ckpt_path: str | Path, out: str | Path, base_model: str |
     writes the adapter or model for the Llama form, 'original' for InternLM2's own remote code
     (fused wqkv; an adapter's q/k/v LoRAs become one LoRA of three times the rank on wqkv)."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg: dict[str, Any] = ckpt["config"]
+    cfg: dict[str, Any] = ckpt.config
     base = _pick_base(cfg["pretrained_model_name_or_path"], base_model)
-    template = Template(**{**ckpt["template"], "stop_words": tuple(ckpt["template"]["stop_words"])})
+    template = ckpt.template
     dtype = torch.float32 if fp32 else torch.float16
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,11 +72,11 @@ def convert_checkpoint(ckpt_path: str | Path, out: str | Path, base_model: str |
     original = _internlm2_base(base)
     if layout == "original" and original is None:
         raise UserError(f"--layout original is for InternLM2 bases; '{base}' is not one")
-    if ckpt["method"] == "full":
+    if ckpt.method == "full":
         _write_full(ckpt, base, out, dtype, max_shard_size, template, trust, layout)
     else:
-        tensors = {peft_key(k): v.to(dtype).contiguous() for k, v in ckpt["state_dict"].items()}
-        peft_config = {**ckpt["peft_config"], "base_model_name_or_path": base,
+        tensors = {peft_key(k): v.to(dtype).contiguous() for k, v in ckpt.state_dict.items()}
+        peft_config = {**ckpt.peft_config, "base_model_name_or_path": base,
                        "inference_mode": True}
         if layout == "original":
             tensors, peft_config = to_original_layout(tensors, peft_config, original)
@@ -104,14 +104,14 @@ def _internlm2_base(base: str) -> dict[str, Any] | None:
     return config if internlm2.is_internlm2(config) else None
 
 
-def _write_full(ckpt: dict[str, Any], base: str, out: Path, dtype: torch.dtype, max_shard_size: str,
+def _write_full(ckpt: Checkpoint, base: str, out: Path, dtype: torch.dtype, max_shard_size: str,
                 template: Template, trust_remote_code: bool, layout: str) -> None:
     from tuneforge.convert.layout import save_original_layout
     from tuneforge.models.resolve import resolve_model
 
     path = resolve_model(base)
     model = load_model(path, torch.device("cpu"), dtype, trust_remote_code=trust_remote_code)
-    _, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    _, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
     if unexpected:
         raise UserError(f"checkpoint does not fit base model '{base}': unexpected {unexpected[:3]}")
     model.to(dtype)

@@ -65,8 +65,8 @@ def resolve_data_path(name: str, cfg: Config) -> list[Path]:
     """The files a data_files entry names: a file or a folder of .jsonl/.json files, as written
     or beside the config file; a clear error when neither exists."""
     candidates = [Path(name).expanduser()]
-    if cfg._source and not Path(name).is_absolute():
-        candidates.append(Path(cfg._source).parent / name)
+    if cfg.config_file and not Path(name).is_absolute():
+        candidates.append(Path(cfg.config_file).parent / name)
     for path in candidates:
         if path.is_file():
             return [path]

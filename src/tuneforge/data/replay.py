@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from tuneforge.data.general_prompts import GENERAL_EN, GENERAL_ZH
 from tuneforge.data.templates import Template
+from tuneforge.files import atomic_write
 from tuneforge.models.generate import Sampling, generate_batch
 from tuneforge.models.resolve import cache_dir
 
@@ -103,12 +103,9 @@ def build_replay(model: Any, tokenizer: Any, template: Template, out: Path, syst
                                            with_finished=True, on_batch=bar)
     finally:
         bar.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(out) as f:
         for p, a, done in zip(prompts, answers, finished, strict=True):
             if a.strip():
                 turn = {"input": p, "output": a, **({} if done else {"output_truncated": True})}
                 f.write(json.dumps({"conversation": [turn]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     return out

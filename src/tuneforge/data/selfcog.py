@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from tuneforge.files import atomic_write
+
 QUESTIONS_ZH = [
     "你是谁？", "你是谁", "请介绍一下你自己", "介绍一下你自己吧", "你叫什么名字？", "你的名字是什么？",
     "你是什么？", "你是哪位？", "能说说你是谁吗？", "请问你是谁？", "自我介绍一下", "你好，你是谁？",
@@ -100,11 +102,7 @@ def write_self_cognition(out: str | Path, name: str, name_en: str | None = None,
                          seed: int = 0) -> int:
     """Write the identity records as conversation-format jsonl; returns the number of lines."""
     records = identity_records(name, name_en, author, author_en, seed)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(Path(out)) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     return len(records)

@@ -41,6 +41,14 @@ class Template:
     chat_template: str  # Jinja, rendered by tokenizer.apply_chat_template
     stop_words: tuple[str, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form a checkpoint and a converted folder carry."""
+        return {"name": self.name, "chat_template": self.chat_template, "stop_words": list(self.stop_words)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Template:
+        return cls(data["name"], data["chat_template"], tuple(data.get("stop_words", ())))
+
 
 NAMED_TEMPLATES: dict[str, Template] = {
     "internlm2_chat": Template("internlm2_chat", "{{ bos_token }}" + _CHATML, ("<|im_end|>",)),
@@ -124,14 +132,11 @@ def split_for_training(template: Template, tokenizer: Any,
 
 
 def save_template(directory: str | Path, template: Template) -> None:
-    payload = {"name": template.name, "chat_template": template.chat_template,
-               "stop_words": list(template.stop_words)}
-    Path(directory, TEMPLATE_FILE).write_text(json.dumps(payload, ensure_ascii=False, indent=2))
+    Path(directory, TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), ensure_ascii=False, indent=2))
 
 
 def load_template(directory: str | Path) -> Template | None:
     path = Path(directory, TEMPLATE_FILE)
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return Template(data["name"], data["chat_template"], tuple(data.get("stop_words", ())))
+    return Template.from_dict(json.loads(path.read_text(encoding="utf-8")))

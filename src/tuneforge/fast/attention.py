@@ -19,17 +19,6 @@ import torch.nn.functional as F
 NAME = "tuneforge_varlen"
 
 
-def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative sample lengths over the flattened (batch * seq) tokens, and the longest sample.
-    A sample starts wherever the position does not follow on from the one before it."""
-    pos = position_ids.reshape(position_ids.shape[0], -1)
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    idx = starts.reshape(-1).nonzero().squeeze(-1)
-    cu = torch.cat([idx, torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
 @functools.cache  # asked by every attention layer on every step: look the signature up once
 def _varlen_kernel() -> tuple[Any, dict[str, Any], bool] | None:
     try:
@@ -112,9 +101,3 @@ def register() -> str:
 
 def varlen_available() -> bool:
     return torch.cuda.is_available() and _varlen_kernel() is not None
-
-
-def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
-    """The keyword arguments that carry packed boundaries through the model to attention."""
-    cu, longest = cu_seqlens(position_ids)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

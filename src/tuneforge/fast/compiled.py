@@ -2,13 +2,12 @@
 
 The norm and MLP functions read and write whole activations several times when run op by op
 (fp32 upcasts, sigmoid, products); compiled, each becomes one pass over memory. On a CPU, with
-TUNEFORGE_COMPILE=0, or where compiling fails (no Triton), the same function runs eagerly.
+compiling switched off (--no-compile), or where compiling fails (no Triton), the same function runs eagerly.
 On a GPU the decoder layers are compiled whole as well (compile_layers).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +68,7 @@ def compile_layers(layers: list[torch.nn.Module], backend: str = "inductor") -> 
             except torch._dynamo.exc.TorchDynamoException as err:
                 broken.append(type(err).__name__)
                 warnings.warn(f"torch.compile of the decoder layers failed ({type(err).__name__}: "
-                              f"{str(err)[:300]}); running them eagerly (TUNEFORGE_COMPILE=0 skips compiling)",
+                              f"{str(err)[:300]}); running them eagerly (--no-compile skips compiling)",
                               stacklevel=2)
                 return _eager(*args, **kwargs)
 
@@ -77,5 +76,14 @@ def compile_layers(layers: list[torch.nn.Module], backend: str = "inductor") -> 
     return len(layers)
 
 
+_ALLOWED = [True]
+
+
+def allow_compiling(allowed: bool) -> None:
+    """Switch torch.compile off (or on again) for this process: the run option ``compile``
+    (``tuneforge train --no-compile``, or TUNEFORGE_COMPILE=0, which the CLI reads)."""
+    _ALLOWED[0] = allowed
+
+
 def compiling_allowed() -> bool:
-    return os.environ.get("TUNEFORGE_COMPILE", "1") != "0"
+    return _ALLOWED[0]

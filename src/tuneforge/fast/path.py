@@ -7,9 +7,7 @@ from typing import Any
 
 import torch
 
-from tuneforge.data.encode import IGNORE
 from tuneforge.fast import recompute
-from tuneforge.fast.cross_entropy import linear_cross_entropy
 from tuneforge.fast.lora import fuse_lora
 from tuneforge.fast.mlp import fuse_swiglu
 from tuneforge.fast.norm import fuse_rmsnorm
@@ -17,14 +15,19 @@ from tuneforge.fast.norm import fuse_rmsnorm
 
 @dataclass
 class FastPath:
+    """What fast.apply changed. Not FUSED: the model trains through its plain forward."""
+    fused: bool = False
     lora_layers: int = 0
     norms: int = 0
     mlps: int = 0
     varlen: bool = False
     linear_ce: bool = False
     compiled_layers: int = 0
+    memory: recompute.Plan | None = None  # the layers recomputed to fit the memory budget
 
     def describe(self) -> str:
+        if not self.fused:
+            return "plain path (fast_path off or the model's own code)"
         parts = [f"fused LoRA x{self.lora_layers}", f"RMSNorm x{self.norms}", f"SwiGLU x{self.mlps}",
                  "chunked linear cross-entropy" if self.linear_ce else "plain cross-entropy",
                  "varlen attention" if self.varlen else "SDPA attention"]
@@ -83,7 +86,7 @@ def enable(model: Any, varlen: bool, partitioned: bool = False) -> FastPath:
     """Fuse what the model allows; VARLEN says the model was loaded with the varlen attention.
     PARTITIONED (DeepSpeed ZeRO-3): a weight is whole only inside its own module's forward, so the
     fused LoRA, the fused MLP and the chunked head, which read their children's weights, stay off."""
-    fast = FastPath(varlen=varlen)
+    fast = FastPath(fused=True, varlen=varlen)
     fast.norms = fuse_rmsnorm(model)
     if partitioned:
         return fast
@@ -91,21 +94,6 @@ def enable(model: Any, varlen: bool, partitioned: bool = False) -> FastPath:
     fast.mlps = fuse_swiglu(model)
     fast.linear_ce = head_for_linear_ce(model) is not None
     return fast
-
-
-def loss_sum(model: Any, batch: dict[str, Any], fast: FastPath) -> torch.Tensor:
-    """Summed next-token cross-entropy over BATCH's labelled tokens, through the decoder and the
-    chunked head; packed boundaries travel to attention when it is the varlen one."""
-    lm = causal_lm(model)
-    extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-             if fast.varlen and k in batch}
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                              use_cache=False, **extra).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    labelled = targets != IGNORE
-    head = head_for_linear_ce(model)
-    h = hidden[:, :-1][labelled]
-    return linear_cross_entropy(h, head.weight, targets[labelled], head.low_rank(h))
 
 
 def gathered_bytes(layer: torch.nn.Module, amp: torch.dtype | None) -> int:

@@ -1,7 +1,11 @@
-"""Checkpoints: ``iter_N.pth`` files written atomically, ``last_checkpoint`` naming the newest.
+"""Checkpoints: what one holds (``Checkpoint``), and ``iter_N.pth`` files written atomically
+with ``last_checkpoint`` naming the newest.
 
 A checkpoint holds what resuming needs (trainable weights, optimizer, scheduler, RNG states, the
-step) and what converting needs (the config, the LoRA settings, the prompt template).
+step) and what converting needs (the config, the LoRA settings, the prompt template), always in
+the one-process format whatever engine wrote it. On disk it is a plain dict (``to_dict``), so
+any torch can read it; ``FORMAT_VERSION`` 1 is the dict written before this class existed
+(the same keys, ``world_size`` optional), and still loads.
 """
 
 from __future__ import annotations
@@ -10,21 +14,79 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tuneforge import __version__
+from tuneforge.data.templates import Template
 from tuneforge.errors import UserError
+from tuneforge.files import atomic_write
 
 LAST = "last_checkpoint"
+FORMAT_VERSION = 2
 _ITER = re.compile(r"iter_(\d+)\.pth$")
+_REQUIRED = ("step", "state_dict", "optimizer", "scheduler", "rng", "config", "method", "template")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@dataclass
+class Checkpoint:
+    step: int  # optimizer steps done
+    state_dict: dict[str, torch.Tensor]  # the trainable weights, whole, by their peft/HF names
+    optimizer: dict[str, Any]  # the torch optimizer's state_dict, whole
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]  # python, torch and CUDA generator states
+    config: dict[str, Any]  # the Config it trained with, as JSON
+    method: str  # lora | qlora | full
+    template: Template
+    peft_config: dict[str, Any] | None = None  # the LoRA settings (None for a full fine-tune)
+    world_size: int = 1  # ranks that trained it
+    tuneforge_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # keys a newer tuneforge wrote
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "step": self.step, "state_dict": self.state_dict,
+                "optimizer": self.optimizer, "scheduler": self.scheduler, "rng": self.rng,
+                "config": self.config, "method": self.method, "peft_config": self.peft_config,
+                "template": self.template.to_dict(), "tuneforge_version": self.tuneforge_version,
+                "world_size": self.world_size, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Checkpoint:
+        if not isinstance(data, dict) or "state_dict" not in data:
+            raise UserError(f"'{where}' is not a tuneforge checkpoint")
+        absent = [k for k in _REQUIRED if k not in data]
+        if absent:
+            raise UserError(f"checkpoint '{where}' lacks {', '.join(absent)}; was it written by tuneforge?")
+        version = int(data.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise UserError(f"checkpoint '{where}' has format {version}, newer than this tuneforge "
+                            f"({__version__}, format {FORMAT_VERSION}) reads; upgrade tuneforge")
+        known = {*_REQUIRED, "peft_config", "world_size", "tuneforge_version", "format_version"}
+        return cls(step=int(data["step"]), state_dict=data["state_dict"], optimizer=data["optimizer"],
+                   scheduler=data["scheduler"], rng=data["rng"], config=data["config"],
+                   method=data["method"], template=Template.from_dict(data["template"]),
+                   peft_config=data.get("peft_config"), world_size=int(data.get("world_size", 1)),
+                   tuneforge_version=data.get("tuneforge_version", "?"), format_version=version,
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches one optimizer step trained (ranks x accumulative_counts)."""
+        return self.world_size * int(self.config["accumulative_counts"])
+
+    def check_fits(self, trainable: set[str], method: str) -> None:
+        """Resuming needs the same method and every trainable tensor of this run."""
+        missing = trainable - set(self.state_dict)
+        if missing or self.method != method:
+            raise UserError(
+                f"--resume: the checkpoint was written by a {self.method} run that does not match "
+                f"this config ({method}, {len(missing)} trainable tensors missing); resume with "
+                "the config it was trained with"
+            )
 
 
 def rng_state() -> dict[str, Any]:
@@ -41,21 +103,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(work_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """Write ``iter_STEP.pth`` (tmp file, flushed to disk, then renamed), point
-    ``last_checkpoint`` at it, prune old ones. A kill or a full disk midway leaves the previous
-    checkpoint and ``last_checkpoint`` as they were."""
-    path = work_dir / f"iter_{step}.pth"
-    tmp = path.with_name(path.name + ".tmp")
+def save_checkpoint(work_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
+    """Write ``iter_STEP.pth`` (flushed to disk, then renamed into place), point
+    ``last_checkpoint`` at it, prune old ones beyond KEEP (0 or less: keep all). A kill or a
+    full disk midway leaves the previous checkpoint and ``last_checkpoint`` as they were."""
+    path = work_dir / f"iter_{ckpt.step}.pth"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _atomic_write_text(work_dir / LAST, str(path.resolve()))
+        with atomic_write(path, "wb", durable=True) as f:
+            torch.save(ckpt.to_dict(), f)
+        with atomic_write(work_dir / LAST) as f:
+            f.write(str(path.resolve()))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         previous = list_checkpoints(work_dir)
         raise UserError(f"could not write checkpoint {path}: {err.strerror or err}; the last good "
                         f"checkpoint is {previous[-1] if previous else 'none yet'}: free space, then "
@@ -109,7 +167,8 @@ def find_resume(work_dir: Path, requested: str | None) -> Path:
     raise UserError(f"--resume: no checkpoint in '{work_dir}' (no last_checkpoint, no iter_*.pth)")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file (or the one a work dir's ``last_checkpoint`` names)."""
     path = Path(path)
     if path.is_dir():
         marker = path / LAST
@@ -119,9 +178,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise UserError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); is it complete?") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"'{path}' is not a tuneforge checkpoint")
-    return ckpt
+    return Checkpoint.from_dict(data, str(path))

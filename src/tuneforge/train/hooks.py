@@ -16,6 +16,16 @@ from tuneforge.fast.lora import dense_4bit_weights
 from tuneforge.models.generate import Sampling, generate_batch
 
 
+class NoLog:
+    """The log of a rank other than 0: rank 0 writes for all."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def read(self) -> list[dict[str, Any]]:
+        return []
+
+
 class JsonlLog:
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -43,3 +43,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_ratio)
     )
+
+
+def first_step_bytes(params: list[torch.nn.Parameter], cfg: Config, part: Any = None) -> int:
+    """What the first optimizer step adds on each GPU: gradients, AdamW's moments and, under
+    DeepSpeed, the fp32 master copy of 16-bit weights, each cut to PART (an engine's Shares;
+    None: one GPU holds everything)."""
+    grads = sum(p.numel() * p.element_size() for p in params)
+    optimizer = moment_bytes(params, cfg)
+    if part is None:
+        return grads + optimizer
+    if part.fp32_master:
+        optimizer += sum(p.numel() * 4 for p in params if p.element_size() < 4)
+    return int(grads * part.gradients + optimizer * part.optimizer)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tuneforge import compat
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 from tuneforge.train import parallel
@@ -169,7 +170,8 @@ def _fp32_partitions(engine: Any) -> list[torch.Tensor]:
     zero = engine.optimizer
     if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
         return list(zero.fp32_partitioned_groups_flat)
-    return list(zero.single_partition_of_fp32_groups)  # ZeRO-1/2
+    return list(compat.attr(zero, "single_partition_of_fp32_groups", "deepspeed",  # ZeRO-1/2
+                            "resuming a ZeRO run from a checkpoint (train/zero.py)"))
 
 
 def _step(engine: Any) -> int | None:
