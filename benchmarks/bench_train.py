@@ -84,13 +84,30 @@ def make_model(path: Path, shape: str, layers: int | None) -> None:
     """A random-initialised model on disk, so that every engine loads it the way users do."""
     from transformers import LlamaForCausalLM
 
-    if (path / "config.json").is_file():
+    if (path / "tokenizer.json").is_file():
         return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(dev):
         model = LlamaForCausalLM(model_config(shape, layers)).to(torch.bfloat16)
     model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+
+
+def make_tokenizer():
+    """A word-level tokenizer with a ChatML template: the workloads are token ids, so the
+    tokenizer only names the special tokens and the template (nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+        chat_template="{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                      "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{% endif %}")
 
 
 def matmul_tflops() -> float:
@@ -168,49 +185,48 @@ def baseline(run: Run, path: Path, lr: float):
     return step
 
 
-def tuneforge(run: Run, path: Path, lr: float, seq: int, fast_path: bool = True, log=print):
-    """tuneforge's training step: the functions train() itself calls."""
-    from tuneforge.config.schema import Config
-    from tuneforge.data.pack import Row
-    from tuneforge.models.load import autocast_dtype
-    from tuneforge.train.loop import (
-        collate,
-        forward_backward,
-        load_for_training,
-        plan_memory,
-        prepare_for_training,
-    )
-    from tuneforge.train.optim import build_optimizer
+def tuneforge_settings(run: Run, path: Path, lr: float, seq: int, steps: int, fast_path: bool = True,
+                       data: Path | None = None) -> dict:
+    """The config of a tuneforge run: the same keys a config file for `tuneforge train` holds."""
+    return dict(pretrained_model_name_or_path=str(path), method=run.mode, lora_r=64, lora_alpha=16,
+                lora_dropout=0.0, lora_target_modules=TARGETS, data_files=str(data or "unused.jsonl"),
+                max_length=seq, batch_size=1, accumulative_counts=1, lr=lr, max_steps=steps,
+                gradient_checkpointing="auto", memory_budget_gib=run.budget_gib, optim_type=run.optim,
+                fast_path=fast_path, save_steps=10**9, save_last=False, evaluation_inputs=[],
+                identity_guard=False, replay_general=False)
 
-    cfg = Config(pretrained_model_name_or_path=str(path), method=run.mode, lora_r=64, lora_alpha=16,
-                 lora_dropout=0.0, lora_target_modules=TARGETS, data_files="unused.jsonl",
-                 max_length=seq, batch_size=1, lr=lr, gradient_checkpointing="auto",
-                 memory_budget_gib=run.budget_gib, optim_type=run.optim, fast_path=fast_path)
-    device = torch.device(DEV)
-    amp = autocast_dtype(cfg.dtype, device)
-    model = load_for_training(cfg, path, device, torch.bfloat16 if DEV == "cuda" else torch.float32)
-    model, fast = prepare_for_training(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg)
-    plan = plan_memory(model, cfg, device, amp)
-    step_plan = f"{fast.describe() if fast else 'plain path'}; {plan.describe() if plan else ''}"
-    log("  " + step_plan)
-    model.train()
 
-    def step(samples: list[list[int]]) -> int:
-        row = Row([t for s in samples for t in s], [t for s in samples for t in s],
-                  [i for s in samples for i in range(len(s))])
-        batch = collate([row], 0)
-        n_labels = int((batch["labels"][:, 1:] != -100).sum())
-        loss = forward_backward(model, [batch], fast, device, amp, n_labels)
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step.last_loss = loss
-        return len(row)
+def tuneforge(run: Run, path: Path, lr: float, seq: int, steps: int, rows: list | None = None,
+              fast_path: bool = True, data: Path | None = None, log=print):
+    """tuneforge's training step, through the recipe `tuneforge train` runs: set up once (load,
+    adapters, fast path, memory plan, compiled layers, engine, optimizer), then one
+    ``Recipe.step`` per call. ROWS: the packed rows to train (else DATA, a data file, is read as
+    the command reads it)."""
+    import tempfile
 
-    step.plan = step_plan
+    from tuneforge.config.load import build_config
+    from tuneforge.train.options import RunOptions
+    from tuneforge.train.recipe import Recipe
+
+    cfg = build_config(tuneforge_settings(run, path, lr, seq, steps, fast_path, data))
+    recipe = Recipe(cfg, Path(tempfile.mkdtemp(prefix="bench-")), RunOptions(progress=False))
+    recipe.setup(rows=rows)
+    log("  " + recipe.fast.describe() + (f"; {recipe.fast.memory.describe()}" if recipe.fast.memory else ""))
+
+    def step(i: int) -> int:
+        step.last_loss, _, tokens = recipe.step(i)
+        return tokens
+
+    step.plan = recipe.fast.describe()
     return step
+
+
+def as_rows(data: list[list[list[int]]]) -> list:
+    """Each step's samples as one packed row, every token trained (as a pre-training row is)."""
+    from tuneforge.data.pack import Row
+
+    return [Row([t for s in samples for t in s], [t for s in samples for t in s],
+                [i for s in samples for i in range(len(s))]) for samples in data]
 
 
 def batches_for(run: Run, seq: int, vocab: int, n_steps: int, seed: int = 0) -> list[list[list[int]]]:
@@ -240,22 +256,26 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     run = RUNS[name]
     torch.manual_seed(0)
     cfg = model_config(args.shape, args.layers)
-    t0 = time.time()
-    step = baseline(run, args.model, args.lr) if run.engine == "baseline" else \
-        tuneforge(run, args.model, args.lr, args.seq)
-    load_s = time.time() - t0
     data = batches_for(run, args.seq, cfg.vocab_size, args.warmup + args.steps)
-    for samples in data[:args.warmup]:
-        step(samples)
+    t0 = time.time()
+    if run.engine == "baseline":
+        by_step = baseline(run, args.model, args.lr)
+
+        def step(i: int) -> int:
+            return by_step(data[i])
+    else:
+        step = tuneforge(run, args.model, args.lr, args.seq, len(data), rows=as_rows(data))
+    load_s = time.time() - t0
+    for i in range(args.warmup):
+        step(i)
     sync()
     t0 = time.time()
-    tokens, lengths, times = 0, [], []
-    for samples in data[args.warmup:]:
+    tokens, lengths, times = 0, [s for samples in data for s in map(len, samples)], []
+    for i in range(args.warmup, len(data)):
         t1 = time.time()
-        tokens += step(samples)
+        tokens += step(i)
         sync()  # per-step times; the loss read-out syncs every step anyway
         times.append(round(time.time() - t1, 3))
-        lengths += [len(s) for s in samples]
     secs = time.time() - t0
     tps = tokens / secs
     return {"run": name, "engine": run.engine, "mode": run.mode, "workload": run.workload,
@@ -269,17 +289,17 @@ def worker(name: str, args: argparse.Namespace) -> dict:
 
 def loss_check(args: argparse.Namespace) -> dict:
     """50 steps of the plain path and of the fast path on the same packed rows (the mix
-    workload, cycled over 10 rows so that the loss falls): the curves must agree."""
+    workload, 10 rows, one per step in a shuffled order per epoch, so that the loss falls): the
+    curves must agree."""
     run = Run("tuneforge", "lora", "mix", budget_gib=None)
     cfg = model_config(args.shape, args.check_layers)
     data = batches_for(run, args.seq, cfg.vocab_size, 10, seed=1)
     curves = {}
     for fast in (False, True):
-        torch.manual_seed(0)
-        step = tuneforge(run, args.model, 1e-3, args.seq, fast_path=fast)
+        step = tuneforge(run, args.model, 1e-3, args.seq, args.loss_steps, rows=as_rows(data), fast_path=fast)
         curve = []
         for i in range(args.loss_steps):
-            step(data[i % len(data)])
+            step(i)
             curve.append(step.last_loss)
         curves["fast" if fast else "plain"] = curve
         del step

@@ -30,20 +30,26 @@ def main() -> None:
     run = bt.RUNS[args.run]
     path = args.model.with_name(f"{args.model.name}-{args.shape}-{args.layers}")
     bt.make_model(path, args.shape, args.layers)
-    step = bt.baseline(run, path, 2e-4) if run.engine == "baseline" else bt.tuneforge(run, path, 2e-4, args.seq)
     data = bt.batches_for(run, args.seq, bt.model_config(args.shape, args.layers).vocab_size, args.steps + 4)
-    step(data[0])
-    step(data[1])
+    if run.engine == "baseline":
+        by_samples = bt.baseline(run, path, 2e-4)
+
+        def step(i: int) -> int:
+            return by_samples(data[i])
+    else:
+        step = bt.tuneforge(run, path, 2e-4, args.seq, len(data), rows=bt.as_rows(data))
+    step(0)
+    step(1)
     torch.cuda.synchronize()
     t0 = time.time()
-    tokens = sum(step(d) for d in data[2:2 + args.steps])
+    tokens = sum(step(i) for i in range(2, 2 + args.steps))
     torch.cuda.synchronize()
     secs = (time.time() - t0) / args.steps
     print(f"{args.run}, {args.layers} layers: {secs * 1e3:.1f} ms/step, {tokens / args.steps / secs:,.0f} tok/s, "
           f"peak {torch.cuda.max_memory_allocated() / bt.GIB:.2f} GiB")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for d in data[-2:]:
-            step(d)
+        for i in range(len(data) - 2, len(data)):
+            step(i)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 

@@ -29,19 +29,26 @@ def tf(*args: str, cwd: Path, stdin: str | None = None) -> str:
 
 
 def packed_equals_alone(base: Path) -> None:
+    import tempfile
+
     import torch
     from conftest import tiny_config
 
+    from tuneforge.data.batching import collate, model_inputs
     from tuneforge.data.encode import IGNORE
     from tuneforge.data.pack import Row
-    from tuneforge.fast import attention
-    from tuneforge.train import loop
+    from tuneforge.train.loss import loss_sum
+    from tuneforge.train.options import RunOptions
+    from tuneforge.train.recipe import Recipe
 
     cfg = tiny_config(base, base / "config.json", max_length=512)
     device = torch.device("cuda")
-    model, fast = loop.prepare_for_training(loop.load_for_training(cfg, base, device, torch.bfloat16), cfg)
-    print(fast.describe() if fast else "no fast path")
-    assert fast is not None and fast.varlen and fast.mlps == 4, "fast path did not engage on InternLM2"
+    one = [Row(input_ids=[5, 6, 7], labels=[5, 6, 7], position_ids=[0, 1, 2])]
+    recipe = Recipe(cfg, Path(tempfile.mkdtemp()), RunOptions(progress=False))
+    recipe.setup(rows=one)  # as `tuneforge train` sets it up
+    model, fast = recipe.model, recipe.fast
+    print(fast.describe())
+    assert fast.varlen and fast.mlps == 4, "fast path did not engage on InternLM2"
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (37, 120, 64)]
     # A sample's first token is never a target (as in the data: prompts are masked), so the last
@@ -52,10 +59,9 @@ def packed_equals_alone(base: Path) -> None:
                  position_ids=sum((list(range(len(s))) for s in samples), []))
 
     def loss(row_list: list) -> float:
-        batch = {k: v.to(device) for k, v in loop.collate(row_list, 2).items()}
-        batch.update(attention.varlen_kwargs(batch["position_ids"]))
+        batch = model_inputs(collate(row_list, 2), fast.varlen, device)
         with torch.no_grad():
-            return loop.loss_sum(model, batch, fast).item()
+            return loss_sum(model, batch, fast).item()
 
     together = loss([packed])
     apart = sum(loss([r]) for r in rows)

@@ -121,6 +121,7 @@ class Recipe:
         self.engine.prepare(self.optimizer, list(self.named.values()))
         self.start = self.resume(self.ckpt) if self.ckpt is not None else 0
         self._hooks()
+        self.model.train()
 
     def _deepspeed_file(self) -> tuple[dict, str] | None:
         """The --deepspeed JSON and its source, or None when the built-in engines train (also
@@ -275,7 +276,6 @@ class Recipe:
             self.log.write({"event": "start", "steps": self.steps, "rows": len(self.rows),
                             "data": self.stats.__dict__ if self.stats else {}})
             self.evaluate(0)
-        self.model.train()
         bar = tqdm(total=self.steps, initial=self.start, desc="train", unit="step", disable=not self.live,
                    dynamic_ncols=True)
         self.t_loop, last, stop = time.time(), None, StopRequest(self.say)
