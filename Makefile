@@ -34,6 +34,7 @@ test: setup browser
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff check --select C901 --config 'lint.mccabe.max-complexity=15' src
 
 clean:
 	rm -rf $(VENV) demo

@@ -141,7 +141,9 @@ def test_bytes_per_token_leave_out_autocasts_weight_copies():
 
 
 def test_fast_path_describes_itself():
-    assert "varlen attention" in FastPath(varlen=True).describe()
+    assert "varlen attention" in FastPath(fused=True, varlen=True).describe()
+    assert "SDPA attention" in FastPath(fused=True).describe()
+    assert FastPath(varlen=True).describe().startswith("plain path")  # nothing was patched
 
 
 @pytest.mark.parametrize("offload", [False, True])

@@ -50,7 +50,7 @@ class Config(BaseModel):
 
     # PART 1: data
     data_files: str | list[str | DataSource]
-    data_format: Literal["auto", "alpaca", "conversation", "messages"] = "auto"
+    data_format: Literal["auto", "alpaca", "conversation", "messages", "sharegpt"] = "auto"
     prompt_template: str = "auto"
     SYSTEM: str = ""
     max_length: int = Field(2048, gt=8)

@@ -23,7 +23,7 @@ max_length = 512
 pack_to_max_length = True
 # Against forgetting: the base model's own answers to ~310 general prompts (generated once,
 # cached), twice per epoch. Measured on this model: identity-only data hijacks 98-100% of general
-# questions; with this, 0-5% (README, "Teaching an identity").
+# questions; with this, 5-12% (docs/identity.md).
 replay_general = True
 replay_repeat = 2
 
