@@ -65,3 +65,28 @@ def test_empty_file_is_an_error(tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(UserError, match="empty"):
         load_samples(tmp_path / "e.jsonl")
+
+
+def test_json_file_holding_json_lines_is_read_as_json_lines(tmp_path):
+    """What datasets.load_dataset('json') accepts: a .json file with one object per line."""
+    path = write_jsonl(tmp_path / "assistant.json", [{"instruction": "q1", "output": "a1"},
+                                                     {"instruction": "q2", "output": "a2"}])
+    samples = load_samples(path)
+    assert [s.where for s in samples] == [f"{path}:1", f"{path}:2"]
+    assert samples[1].messages == (Message("user", "q2"), Message("assistant", "a2"))
+    path.write_text(path.read_text() + '{"instruction": "q3"\n')
+    with pytest.raises(UserError, match=r"assistant\.json:3: invalid JSON"):
+        load_samples(path)
+    bad: list[str] = []
+    assert len(load_samples(path, bad=bad)) == 2 and bad[0].startswith(f"{path}:3: invalid JSON")
+
+
+def test_json_list_still_read_as_a_list_and_a_spread_object_is_named(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('\n  [\n {"instruction": "q", "output": "a"},\n {"instruction": "q2", "output": "b"}]\n')
+    assert [s.where for s in load_samples(path)] == [f"{path}:[0]", f"{path}:[1]"]
+    path.write_text('{\n  "instruction": "q",\n  "output": "a"\n}\n')
+    with pytest.raises(UserError) as err:
+        load_samples(path)
+    assert str(err.value) == (f"{path}: one JSON object over several lines; expected a JSON list of "
+                              "records, or one JSON object per line")

@@ -189,24 +189,43 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
             row += 1
 
 
-def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows).
+def _first_char(path: Path) -> str:
+    """The first non-blank character of a text file ('' when it is blank)."""
+    with path.open(encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped[0]
+    return ""
 
-    A .jsonl line of invalid JSON raises, or, with BAD given, is recorded there and skipped.
-    """
-    if path.suffix == ".parquet":
-        yield from _parquet_records(path)
-        return
-    if path.suffix == ".json":
+
+def _json_list_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records, or one JSON object per line")
+    for i, record in enumerate(data):
+        yield f"{path}:[{i}]", record
+
+
+def _refuse_spread_object(path: Path) -> None:
+    """A .json that is one object written over several lines is neither a list nor JSON Lines."""
+    with path.open(encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of records")
-        for i, record in enumerate(data):
-            yield f"{path}:[{i}]", record
-        return
+            whole = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return  # JSON Lines with a bad first line: reported line by line
+        if isinstance(whole, dict):
+            raise UserError(f"{path}: one JSON object over several lines; expected a JSON list of "
+                            "records, or one JSON object per line") from None
+
+
+def _json_lines_records(path: Path, bad: list[str] | None) -> Iterator[tuple[str, Any]]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -220,6 +239,23 @@ def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str
                 bad.append(msg)
                 continue
             yield f"{path}:{lineno}", record
+
+
+def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows).
+
+    A ``.json`` file is read by what it holds, as ``datasets.load_dataset('json')`` does: one JSON
+    list of records (``"file:[i]"``), or JSON Lines like a .jsonl file. A JSON Lines line of invalid
+    JSON raises, or, with BAD given, is recorded there and skipped.
+    """
+    if path.suffix == ".parquet":
+        yield from _parquet_records(path)
+    elif path.suffix == ".json" and _first_char(path) == "[":
+        yield from _json_list_records(path)
+    else:
+        if path.suffix == ".json":
+            _refuse_spread_object(path)
+        yield from _json_lines_records(path, bad)
 
 
 def iter_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> Iterator[Sample]:
