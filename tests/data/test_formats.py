@@ -4,7 +4,26 @@ import pytest
 from conftest import write_jsonl
 
 from tuneforge.data.formats import Message, load_samples, to_messages
+from tuneforge.data.templates import get_template, split_for_training
 from tuneforge.errors import UserError
+
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def marked(tokenizer, record, fmt="auto") -> str:
+    """The record rendered with the bundled model's own template, trained text between ⟦ and ⟧."""
+    segments = split_for_training(get_template("auto", tokenizer), tokenizer, to_messages(record, fmt, "f:1"))
+    return "".join(f"⟦{t}⟧" if trained else t for t, trained in segments)
+
+
+def refusal(tmp_path, record, name="d.jsonl") -> str:
+    """The one-line error for RECORD as line 2 of a file (line 1 is fine)."""
+    path = write_jsonl(tmp_path / name, [{"instruction": "ok", "output": "ok"}, record])
+    with pytest.raises(UserError) as err:
+        load_samples(path)
+    message = str(err.value)
+    assert "\n" not in message
+    return message.replace(str(tmp_path) + "/", "")
 
 
 def test_conversation_format_multi_turn_with_system_and_loss_flag():
@@ -90,3 +109,31 @@ def test_json_list_still_read_as_a_list_and_a_spread_object_is_named(tmp_path):
         load_samples(path)
     assert str(err.value) == (f"{path}: one JSON object over several lines; expected a JSON list of "
                               "records, or one JSON object per line")
+
+
+def test_openai_content_parts_are_joined_by_newline_and_trained_as_text(tokenizer):
+    rec = {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "who are you?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "I am"}, {"type": "text", "text": "Tuney."}]}]}
+    assert marked(tokenizer, rec) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi\nwho are you?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦I am\nTuney.<|im_end|>⟧\n")
+
+
+@pytest.mark.parametrize("part, expected", [
+    ({"type": "image_url", "image_url": {"url": "https://x/cat.png"}},
+     "d.jsonl:2: messages[0].content[1]: image parts need a vision model; tuneforge trains text-only "
+     "models (remove the part, or the record)"),
+    ({"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}},
+     "d.jsonl:2: messages[0].content[1]: audio parts need an audio model; tuneforge trains text-only "
+     "models (remove the part, or the record)"),
+    ({"type": "emoji", "text": ":)"},
+     "d.jsonl:2: messages[0].content[1]: unknown content part 'emoji'; expected "
+     '{"type": "text", "text": "..."}'),
+    ({"type": "text", "text": 3}, "d.jsonl:2: messages[0].content[1].text: expected a string, got int"),
+])
+def test_openai_content_parts_that_are_not_text_are_refused(tmp_path, part, expected):
+    rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]},
+                        {"role": "assistant", "content": "A cat."}]}
+    assert refusal(tmp_path, rec) == expected

@@ -132,28 +132,57 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "assistant": "assistant"}
 
 
+# Content parts that are not text, and why each cannot be trained.
+_IMAGE, _AUDIO, _VIDEO = ("image parts need a vision model", "audio parts need an audio model",
+                          "video parts need a video model")
+_MEDIA_PARTS = {"image_url": _IMAGE, "image": _IMAGE, "input_image": _IMAGE, "input_audio": _AUDIO,
+                "audio": _AUDIO, "video": _VIDEO, "video_url": _VIDEO,
+                "file": "file parts are not read (put the file's text in a text part)"}
+PART_JOINER = "\n"  # between the text parts of one message, as vLLM and LangChain join them
+
+
+def _join_parts(parts: list, where: str, field: str) -> str:
+    """OpenAI's list form of ``content``: ``[{"type": "text", "text": ...}, ...]`` -> one string."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            raise UserError(f"{where}: {field}[{j}]: {_MEDIA_PARTS[kind]}; tuneforge trains text-only "
+                            "models (remove the part, or the record)")
+        if kind not in ("text", "refusal"):
+            raise UserError(f"{where}: {field}[{j}]: unknown content part "
+                            f"{kind if kind is not None else _type_name(part)!r}; expected "
+                            '{"type": "text", "text": "..."}')
+        texts.append(_text(part, kind, where, f"{field}[{j}].{kind}"))
+    return PART_JOINER.join(texts)
+
+
+def _one_message(m: Any, where: str, field: str, role_key: str, text_key: str,
+                 roles: dict[str, str]) -> Message:
+    if not isinstance(m, dict):
+        raise UserError(f"{where}: {field}: expected an object, got {_type_name(m)}")
+    raw_role = m.get(role_key)
+    if raw_role not in roles:
+        raise UserError(
+            f"{where}: {field}.{role_key}: unknown role {raw_role!r}; expected one of "
+            + ", ".join(sorted(roles))
+        )
+    role = roles[raw_role]
+    loss = m.get("loss", True)
+    if not isinstance(loss, bool):
+        raise UserError(f"{where}: {field}.loss: expected true or false")
+    if isinstance(m.get(text_key), list):
+        m = {text_key: _join_parts(m[text_key], where, f"{field}.{text_key}")}
+    text = _answer(m, text_key, where, f"{field}.{text_key}") if role == "assistant" else \
+        _text(m, text_key, where, f"{field}.{text_key}")
+    return Message(role, text, loss)
+
+
 def _from_list(turns: Any, where: str, key: str, role_key: str, text_key: str,
                roles: dict[str, str]) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise UserError(f"{where}: {key}: expected a non-empty list of messages")
-    out: list[Message] = []
-    for i, m in enumerate(turns):
-        field = f"{key}[{i}]"
-        if not isinstance(m, dict):
-            raise UserError(f"{where}: {field}: expected an object, got {_type_name(m)}")
-        raw_role = m.get(role_key)
-        if raw_role not in roles:
-            raise UserError(
-                f"{where}: {field}.{role_key}: unknown role {raw_role!r}; expected one of "
-                + ", ".join(sorted(roles))
-            )
-        role = roles[raw_role]
-        loss = m.get("loss", True)
-        if not isinstance(loss, bool):
-            raise UserError(f"{where}: {field}.loss: expected true or false")
-        text = _answer(m, text_key, where, f"{field}.{text_key}") if role == "assistant" else \
-            _text(m, text_key, where, f"{field}.{text_key}")
-        out.append(Message(role, text, loss))
+    out = [_one_message(m, where, f"{key}[{i}]", role_key, text_key, roles) for i, m in enumerate(turns)]
     if not any(m.role == "assistant" for m in out):
         raise UserError(f"{where}: {key}: no assistant message to learn from")
     return out
