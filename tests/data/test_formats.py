@@ -137,3 +137,29 @@ def test_openai_content_parts_that_are_not_text_are_refused(tmp_path, part, expe
     rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]},
                         {"role": "assistant", "content": "A cat."}]}
     assert refusal(tmp_path, rec) == expected
+
+
+def test_ms_swift_query_response_history_system_is_a_conversation(tokenizer):
+    """ms-swift's record shape (its self-cognition set): every answer trained, history first."""
+    rec = {"query": "你是谁？", "response": "我是小助手。", "system": "S",
+           "history": [["hi", "hello"], ["who made you?", "Long."]], "tag": "zh"}
+    assert to_messages(rec, "auto", "f:1") == [
+        Message("system", "S"), Message("user", "hi"), Message("assistant", "hello"),
+        Message("user", "who made you?"), Message("assistant", "Long."),
+        Message("user", "你是谁？"), Message("assistant", "我是小助手。")]
+    assert marked(tokenizer, rec) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        "⟦hello<|im_end|>⟧\n<|im_start|>user\nwho made you?<|im_end|>\n<|im_start|>assistant\n"
+        "⟦Long.<|im_end|>⟧\n<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n⟦我是小助手。<|im_end|>⟧\n")
+    assert marked(tokenizer, {"query": "q", "response": "a"}, fmt="swift") == (
+        SMOL_SYSTEM + "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n⟦a<|im_end|>⟧\n")
+
+
+@pytest.mark.parametrize("rec, expected", [
+    ({"query": "q", "response": " "}, "d.jsonl:2: response: empty answer; remove the line or write the answer"),
+    ({"query": "q", "response": "a", "history": [["q0"]]},
+     "d.jsonl:2: history[0]: expected [question, answer] strings"),
+    ({"query": ["q"], "response": "a"}, "d.jsonl:2: query: expected a string, got a list"),
+])
+def test_ms_swift_bad_records_are_named(tmp_path, rec, expected):
+    assert refusal(tmp_path, rec) == expected

@@ -6,6 +6,7 @@ Formats (detected per record when ``data_format='auto'``):
 - ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}``
 - ``messages`` (OpenAI): ``{"messages": [{"role", "content", "loss"?}, ...]}``
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``
+- ``swift`` (ms-swift, e.g. its self-cognition set): ``{"query", "response", "system"?, "history"?: [[q, a], ...]}``
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from tuneforge.errors import UserError
 
-FORMATS = ("alpaca", "conversation", "messages", "sharegpt")
+FORMATS = ("alpaca", "conversation", "messages", "sharegpt", "swift")
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,12 @@ def detect_format(record: Any, where: str) -> str:
         return "sharegpt"
     if "instruction" in record or ("output" in record and "input" in record):
         return "alpaca"
+    if "query" in record and "response" in record:
+        return "swift"
     raise UserError(
         f"{where}: unknown record format (keys: {', '.join(sorted(record)) or 'none'}); expected "
-        "'conversation', 'messages', 'conversations', or alpaca's 'instruction'/'output'"
+        "'conversation', 'messages', 'conversations', alpaca's 'instruction'/'output', or ms-swift's "
+        "'query'/'response'"
     )
 
 
@@ -106,7 +110,9 @@ def _from_conversation(record: dict, where: str) -> list[Message]:
     return out
 
 
-def _from_alpaca(record: dict, where: str) -> list[Message]:
+def _system_and_history(record: dict, where: str) -> list[Message]:
+    """The optional ``system`` and ``history: [[q, a], ...]`` that alpaca and ms-swift records share;
+    the history answers are trained like the last one."""
     out: list[Message] = []
     system = _text(record, "system", where, "system", required=False)
     if system:
@@ -118,6 +124,11 @@ def _from_alpaca(record: dict, where: str) -> list[Message]:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise UserError(f"{where}: history[{i}]: expected [question, answer] strings")
         out += [Message("user", pair[0]), Message("assistant", pair[1])]
+    return out
+
+
+def _from_alpaca(record: dict, where: str) -> list[Message]:
+    out = _system_and_history(record, where)
     instruction = _text(record, "instruction", where, "instruction", required=False)
     extra = _text(record, "input", where, "input", required=False)
     prompt = f"{instruction}\n{extra}" if instruction and extra else instruction or extra
@@ -125,6 +136,14 @@ def _from_alpaca(record: dict, where: str) -> list[Message]:
         raise UserError(f"{where}: instruction: empty; expected the question text")
     out += [Message("user", prompt), Message("assistant", _answer(record, "output", where, "output"))]
     return out
+
+
+def _from_swift(record: dict, where: str) -> list[Message]:
+    out = _system_and_history(record, where)
+    query = _text(record, "query", where, "query")
+    if not query.strip():
+        raise UserError(f"{where}: query: empty; expected the question text")
+    return out + [Message("user", query), Message("assistant", _answer(record, "response", where, "response"))]
 
 
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -198,6 +217,8 @@ def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
         return _from_conversation(record, where)
     if fmt == "alpaca":
         return _from_alpaca(record, where)
+    if fmt == "swift":
+        return _from_swift(record, where)
     if fmt == "messages":
         return _from_list(record.get("messages"), where, "messages", "role", "content", _ROLES)
     if fmt == "sharegpt":
