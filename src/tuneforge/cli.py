@@ -99,7 +99,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     out = merge_adapter(args.model_name_or_path, args.adapter_name_or_path, args.save_dir,
                         max_shard_size=args.max_shard_size, device=args.device,
-                        trust_remote_code=args.trust_remote_code, layout=args.layout)
+                        trust_remote_code=args.trust_remote_code, layout=args.layout,
+                        dtype=args.dtype)
     print(f"[tuneforge] merged model saved to {out}")
 
 
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     s.add_argument("--layout", choices=["llama", "original"], default="llama", help=LAYOUT_HELP)
+    s.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="dtype of the weights written (default auto: the base model's own; "
+                        "the merge itself runs in fp32)")
     _remote_code_option(s)
     s.set_defaults(func=cmd_merge)
 

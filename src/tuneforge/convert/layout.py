@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.models import internlm2
+from tuneforge.models.load import context_length, portable_tokenizer_settings
 
 _TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json")
 
@@ -37,7 +38,7 @@ def save_original_layout(model: Any, base_dir: Path, out: Path, max_shard_size: 
             {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": split.tensor_to_filename}, indent=2))
     dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
-    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype, "dtype": dtype}, indent=2))
     internlm2.copy_code_files(base_dir, out)
     for name in _TOKENIZER_FILES:
         if (base_dir / name).is_file():
@@ -46,5 +47,6 @@ def save_original_layout(model: Any, base_dir: Path, out: Path, max_shard_size: 
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     if chat_template:
         settings["chat_template"] = chat_template
+    settings = portable_tokenizer_settings(settings, context_length(base_dir))
     (out / "tokenizer_config.json").write_text(json.dumps(settings, ensure_ascii=False, indent=2))
     model.generation_config.save_pretrained(out)

@@ -21,7 +21,7 @@ def peft_key(name: str) -> str:
 
 
 def _save_tokenizer(base: str, out: Path, template: Template, trust_remote_code: bool) -> bool:
-    from tuneforge.models.load import load_tokenizer
+    from tuneforge.models.load import context_length, load_tokenizer
     from tuneforge.models.resolve import resolve_model
 
     try:
@@ -30,7 +30,7 @@ def _save_tokenizer(base: str, out: Path, template: Template, trust_remote_code:
         return False
     tok = load_tokenizer(path, trust_remote_code)
     tok.chat_template = template.chat_template
-    save_tokenizer(tok, out)
+    save_tokenizer(tok, out, context_length(path))
     return True
 
 

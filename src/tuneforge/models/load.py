@@ -127,17 +127,75 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
-    """save_pretrained, readable by older transformers too: a tokenizer transformers 5 built
-    itself (InternLM2's) is recorded as the PreTrainedTokenizerFast that every version knows."""
+# Tokenizer classes only transformers 5 has: recorded under one of them, a folder fails to load in
+# transformers 4.x ("Tokenizer class TokenizersBackend does not exist"), e.g. in llama.cpp's
+# convert_hf_to_gguf.py, which still needs transformers<5.
+_V5_ONLY_TOKENIZERS = frozenset({"TokenizersBackend", "SentencePieceBackend", "PythonBackend",
+                                 "MistralCommonBackend"})
+_PORTABLE_TOKENIZER = "PreTrainedTokenizerFast"  # reads tokenizer.json as it is, in 4.x and 5.x
+_ABSURD_LENGTH = 10**12  # transformers' VERY_LARGE_INTEGER (1e30) means "no limit was set"
+_LOADER_STATE = ("is_local", "local_files_only")  # how it was loaded, not what it is
+
+
+def context_length(model_dir: str | Path | None) -> int | None:
+    """The context length MODEL_DIR's config.json gives (max_position_embeddings), or None."""
+    if model_dir is None:
+        return None
+    path = Path(model_dir, "config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return None
+
+
+def _tokenizer_class(settings: dict[str, Any]) -> str:
+    """The class name to record: the tokenizer's own where transformers 4.x and 5.x both have it
+    (GPT2Tokenizer, LlamaTokenizer, ...) or it is the model's own code, else PreTrainedTokenizerFast."""
+    import transformers
+
+    name = settings["tokenizer_class"]
+    if not isinstance(name, str) or name in _V5_ONLY_TOKENIZERS:
+        return _PORTABLE_TOKENIZER
+    if "auto_map" in settings or hasattr(transformers, name):
+        return name
+    return _PORTABLE_TOKENIZER
+
+
+def portable_tokenizer_settings(settings: dict[str, Any], max_length: int | None = None,
+                                chat_template: str | None = None) -> dict[str, Any]:
+    """tokenizer_config.json SETTINGS as every transformers since 4.x reads them: a class both
+    know, extra special tokens where 4.x looks for them, MAX_LENGTH (the model's context) when
+    no real model_max_length is set, and the chat template inside it too (for readers that do
+    not open chat_template.jinja, e.g. older llama.cpp converters)."""
+    out = {k: v for k, v in settings.items() if k not in _LOADER_STATE}
+    if "tokenizer_class" in out:  # absent: readers go by config.json's model_type, as before
+        out["tokenizer_class"] = _tokenizer_class(out)
+    extra = out.get("extra_special_tokens")
+    if isinstance(extra, list):  # 5.x's list; 4.x expects a dict there and fails on a list
+        out.pop("extra_special_tokens")
+        if extra:
+            out.setdefault("additional_special_tokens", extra)
+    limit = out.get("model_max_length")
+    if max_length and (not isinstance(limit, int) or limit >= _ABSURD_LENGTH):
+        out["model_max_length"] = max_length
+    if chat_template and isinstance(chat_template, str):
+        out.setdefault("chat_template", chat_template)
+    return out
+
+
+def save_tokenizer(tokenizer: Any, out: str | Path, max_length: int | None = None) -> None:
+    """save_pretrained, readable by transformers 4.x too (portable_tokenizer_settings); MAX_LENGTH
+    (the model's context length) becomes model_max_length where the tokenizer has no real one."""
     tokenizer.save_pretrained(out)
     path = Path(out, "tokenizer_config.json")
     settings = json.loads(path.read_text())
-    if settings.get("tokenizer_class") == "TokenizersBackend":
-        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-        if settings.get("extra_special_tokens"):
-            settings.setdefault("additional_special_tokens", settings["extra_special_tokens"])
-        path.write_text(json.dumps(settings, ensure_ascii=False, indent=2))
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    path.write_text(json.dumps(portable_tokenizer_settings(settings, max_length, template),
+                               ensure_ascii=False, indent=2))
 
 
 def quantization_config(bits: int, compute_dtype: torch.dtype, needed_by: str, quant_type: str = "nf4",
