@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import write_jsonl
 
@@ -163,3 +165,44 @@ def test_ms_swift_query_response_history_system_is_a_conversation(tokenizer):
 ])
 def test_ms_swift_bad_records_are_named(tmp_path, rec, expected):
     assert refusal(tmp_path, rec) == expected
+
+
+KTO_REFUSAL = ("d.json:[1]: label: a KTO record (each answer labelled good or bad); tuneforge has no KTO "
+               "or preference training yet, and a label: false answer would be learned as a good one; "
+               "to train the good answers as plain examples, drop the label: false records and the "
+               "label field")
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_kto_records_with_a_label_are_refused(tmp_path, label):
+    """LLaMA-Factory's KTO shape: messages (or ShareGPT/alpaca) plus "label": true|false."""
+    rec = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+           "label": label}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "ok", "output": "ok"}, rec], indent=2))
+    with pytest.raises(UserError) as err:
+        load_samples(path)
+    assert str(err.value).replace(str(tmp_path) + "/", "") == KTO_REFUSAL
+    with pytest.raises(UserError, match="KTO"):  # a named format is checked too
+        to_messages(rec, "messages", "f:1")
+    alpaca = {"instruction": "2+2?", "output": "5", "kto_tag": False}
+    assert refusal(tmp_path, alpaca).startswith("d.jsonl:2: kto_tag: a KTO record")
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                "label": False}
+    assert refusal(tmp_path, sharegpt).startswith("d.jsonl:2: label: a KTO record")
+    assert to_messages({"instruction": "q", "output": "a", "label": "sports"}, "auto", "f:1")[1] == \
+        Message("assistant", "a")  # a label that is not true/false is just another column
+
+
+def test_multimodal_records_are_refused_not_trained_as_literal_placeholders(tmp_path):
+    """LLaMA-Factory's mllm_demo shape: messages with <image> in the text, plus an images list."""
+    rec = {"messages": [{"role": "user", "content": "<image>Who is this?"},
+                        {"role": "assistant", "content": "A football player."}],
+           "images": ["demo/1.jpg"]}
+    assert refusal(tmp_path, rec) == (
+        "d.jsonl:2: images: a multimodal record (1 image); tuneforge trains text-only models, and the "
+        "<image> placeholders would be learned as literal text; remove the record, or its images and "
+        "<image> placeholders")
+    rec = {"query": "<video><video>same?", "response": "yes", "videos": ["a.mp4", "b.mp4"]}
+    assert refusal(tmp_path, rec).startswith("d.jsonl:2: videos: a multimodal record (2 videos);")
+    assert len(load_samples(write_jsonl(tmp_path / "e.jsonl", [{**rec, "videos": []}]))) == 1

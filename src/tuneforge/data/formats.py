@@ -207,12 +207,35 @@ def _from_list(turns: Any, where: str, key: str, role_key: str, text_key: str,
     return out
 
 
+_MEDIA_KEYS = {"images": "<image>", "videos": "<video>", "audios": "<audio>"}  # LLaMA-Factory, ms-swift
+
+
+def _refuse_untrainable(record: dict, where: str) -> None:
+    """Records of a kind tuneforge cannot train, which would otherwise train silently wrong."""
+    for key in ("label", "kto_tag"):  # LLaMA-Factory's KTO data (kto_en_demo.json: "label")
+        if isinstance(record.get(key), bool) or (key == "kto_tag" and key in record):
+            raise UserError(
+                f"{where}: {key}: a KTO record (each answer labelled good or bad); tuneforge has no "
+                f"KTO or preference training yet, and a {key}: false answer would be learned as a good "
+                f"one; to train the good answers as plain examples, drop the {key}: false records and "
+                f"the {key} field")
+    for key, placeholder in _MEDIA_KEYS.items():
+        media = record.get(key)
+        if media:
+            count = len(media) if isinstance(media, list) else 1
+            raise UserError(
+                f"{where}: {key}: a multimodal record ({count} {key[:-1]}{'s' if count != 1 else ''}); "
+                f"tuneforge trains text-only models, and the {placeholder} placeholders would be learned "
+                f"as literal text; remove the record, or its {key} and {placeholder} placeholders")
+
+
 def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
     """Convert one record to messages; ``fmt`` is a format name or 'auto'."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object per line, got {_type_name(record)}")
+    _refuse_untrainable(record, where)
     if fmt == "auto":
         fmt = detect_format(record, where)
-    elif not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object per line, got {_type_name(record)}")
     if fmt == "conversation":
         return _from_conversation(record, where)
     if fmt == "alpaca":
