@@ -114,3 +114,35 @@ def test_few_steps_per_epoch_warns(tiny_model_dir, identity_data, tmp_path, caps
     train(cfg.model_copy(update={"max_epochs": 1}), tmp_path / "w", RunOptions(progress=False))
     out = capsys.readouterr()
     assert "optimizer step(s) per epoch" in out.out + out.err
+
+
+def test_check_dataset_names_each_file_its_format_and_counts(tiny_model_dir, tokenizer, tmp_path):
+    good = write_jsonl(tmp_path / "data" / "a.json", [{"query": f"q{i}", "response": "a"} for i in range(3)])
+    mixed = write_jsonl(tmp_path / "data" / "b.jsonl", [qa(0), {"instruction": "q", "output": "a", "label": False}])
+    (tmp_path / "data" / "c.json").write_text('[{"instruction": "q", "output": "a"}]')
+    report, bad = check_dataset(tiny_config(tiny_model_dir, tmp_path / "data"), tokenizer,
+                                get_template("auto", tokenizer))
+    assert bad == 1
+    lines = report.splitlines()
+    assert lines[:4] == ["files: 3", f"  {good}: JSON Lines, swift; samples 3, bad lines 0",
+                         f"  {mixed}: JSON Lines, conversation 1, alpaca 1; samples 1, bad lines 1",
+                         f"  {tmp_path / 'data' / 'c.json'}: JSON list, alpaca; samples 1, bad lines 0"]
+    assert lines[4].startswith("bad lines: 1 (training stops") and lines[5].startswith(f"  {mixed}:2: label: a KTO")
+    assert "samples: 5 usable" in report
+
+
+def test_check_dataset_names_the_first_bad_lines_when_every_line_is_bad(tiny_model_dir, tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}] * 30)
+    cfg = tiny_config(tiny_model_dir, path)
+    report, bad = check_dataset(cfg, tokenizer, get_template("auto", tokenizer))
+    lines = report.splitlines()
+    assert bad == 30 and lines[1] == f"  {path}: JSON Lines, messages; samples 0, bad lines 30"
+    assert lines[3] == f"  {path}:1: messages[0].role: unknown role 'bot'; expected one of assistant, system, user"
+    assert lines[3 + 19].startswith(f"  {path}:20: ") and lines[23] == "  … 10 more"
+    assert lines[24].startswith("nothing to train on: no usable sample in the data files (30 bad lines")
+    with pytest.raises(UserError) as err:  # asked to skip them all: one line, still naming the first
+        check_dataset(tiny_config(tiny_model_dir, path, skip_bad_lines=True), tokenizer,
+                      get_template("auto", tokenizer))
+    assert str(err.value) == ("no usable sample in the data files (30 bad lines, all skipped; the first: "
+                              f"{path}:1: messages[0].role: unknown role 'bot'; expected one of assistant, "
+                              "system, user)")

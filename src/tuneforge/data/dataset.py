@@ -113,7 +113,9 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool 
     s_all, i_all = np.concatenate(store_of), np.concatenate(index_of)
     bad = sum(len(s.bad) for s in stores)
     if len(s_all) == 0:
-        raise UserError("no usable sample in the data files" + (f" ({bad} bad lines)" if bad else ""))
+        first = next((b for s in stores for b in s.bad), "")
+        raise UserError("no usable sample in the data files"
+                        + (f" ({bad} bad lines, all skipped; the first: {first})" if bad else ""))
 
     lengths = np.empty(len(s_all), dtype=np.int64)
     trained = np.empty(len(s_all), dtype=np.int64)

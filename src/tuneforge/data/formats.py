@@ -314,6 +314,13 @@ def _json_lines_records(path: Path, bad: list[str] | None) -> Iterator[tuple[str
             yield f"{path}:{lineno}", record
 
 
+def file_kind(path: Path) -> str:
+    """How ``iter_records`` reads PATH: "Parquet", "JSON list" or "JSON Lines"."""
+    if path.suffix == ".parquet":
+        return "Parquet"
+    return "JSON list" if path.suffix == ".json" and _first_char(path) == "[" else "JSON Lines"
+
+
 def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows).
 
@@ -321,9 +328,10 @@ def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str
     list of records (``"file:[i]"``), or JSON Lines like a .jsonl file. A JSON Lines line of invalid
     JSON raises, or, with BAD given, is recorded there and skipped.
     """
-    if path.suffix == ".parquet":
+    kind = file_kind(path)
+    if kind == "Parquet":
         yield from _parquet_records(path)
-    elif path.suffix == ".json" and _first_char(path) == "[":
+    elif kind == "JSON list":
         yield from _json_list_records(path)
     else:
         if path.suffix == ".json":

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tuneforge.config.schema import Config
-from tuneforge.data.cache import with_system
-from tuneforge.data.dataset import bad_lines, build_rows, resolve_data_path
+from tuneforge.data.cache import encode_file, tokenizer_fingerprint, with_system
+from tuneforge.data.dataset import build_rows, encode_settings, resolve_data_path
 from tuneforge.data.encode import IGNORE, Encoded
-from tuneforge.data.formats import Sample, iter_records, to_messages
+from tuneforge.data.formats import Sample, detect_format, file_kind, iter_records, to_messages
 from tuneforge.data.templates import Template, split_for_training
 from tuneforge.errors import UserError
 
 SHOW = ("text", "masked_text", "input_ids", "labels")
+DETECT_RECORDS = 1000  # records per file whose format check-dataset reports
+SHOW_BAD = 20  # bad lines check-dataset names
 
 
 def masked_text(tokenizer: Any, enc: Encoded) -> str:
@@ -56,17 +61,52 @@ def marked_render(template: Template, tokenizer: Any, cfg: Config, sample: Sampl
     return "".join(f"⟦{t}⟧" if trained else t for t, trained in segments)
 
 
+def detected_format(path: Path, data_format: str) -> str:
+    """The record format(s) of PATH's first records, e.g. "alpaca" or "messages 9, unknown 1"."""
+    if data_format != "auto":
+        return f"{data_format} (data_format)"
+    found: Counter[str] = Counter()
+    for where, rec in islice(iter_records(path, bad=[]), DETECT_RECORDS):
+        try:
+            found[detect_format(rec, where)] += 1
+        except UserError:  # a record of no known shape; named among the bad lines
+            found["unknown"] += 1
+    if len(found) == 1:
+        return next(iter(found))
+    counted = ", ".join(f"{name} {n}" for name, n in found.most_common())
+    return counted + (f" (in the first {DETECT_RECORDS} records)" if sum(found.values()) == DETECT_RECORDS else "")
+
+
+def file_report(cfg: Config, tokenizer: Any, template: Template) -> tuple[list[str], list[str]]:
+    """One line per data file (how it is read, the record format, samples, bad lines), and all the
+    bad lines. Encodes each file into the cache, so the build that follows reads it back."""
+    settings = encode_settings(cfg.model_copy(update={"skip_bad_lines": True}), template)
+    fp = tokenizer_fingerprint(tokenizer)
+    paths = dict.fromkeys(p for src in cfg.data_sources for p in resolve_data_path(src.path, cfg))
+    lines, bad = [f"files: {len(paths)}"], []
+    for path in paths:
+        store, _ = encode_file(path, tokenizer, settings, fp)
+        lines.append(f"  {path}: {file_kind(path)}, {detected_format(path, cfg.data_format)}; "
+                     f"samples {len(store)}, bad lines {len(store.bad)}")
+        bad += store.bad
+    return lines, bad
+
+
 def check_dataset(cfg: Config, tokenizer: Any, template: Template) -> tuple[str, int]:
     """A report on every data line; returns (report, number of bad lines)."""
-    lenient = cfg.model_copy(update={"skip_bad_lines": True})
-    rows, stats = build_rows(lenient, tokenizer, template)
-    bad = bad_lines(rows)
-    files = stats.files
-    lines = [f"files: {len(files)}  ({', '.join(files[:5])}{' …' if len(files) > 5 else ''})"]
+    lines, bad = file_report(cfg, tokenizer, template)
     if bad:
         lines.append(f"bad lines: {len(bad)}" + ("" if cfg.skip_bad_lines else
                                                  " (training stops on these; fix them or use --skip-bad-lines)"))
-        lines += [f"  {b}" for b in bad[:20]] + ([f"  … {len(bad) - 20} more"] if len(bad) > 20 else [])
+        lines += [f"  {b}" for b in bad[:SHOW_BAD]]
+        lines += [f"  … {len(bad) - SHOW_BAD} more"] if len(bad) > SHOW_BAD else []
+    try:
+        rows, stats = build_rows(cfg.model_copy(update={"skip_bad_lines": True}), tokenizer, template)
+    except UserError as err:
+        if not bad or cfg.skip_bad_lines:
+            raise
+        lines.append(f"nothing to train on: {err}")
+        return "\n".join(lines), len(bad)
     lengths = rows.lengths
     lines += [
         f"samples: {stats.samples} usable, template {template.name}, max_length {cfg.max_length}",
