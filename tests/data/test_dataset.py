@@ -137,7 +137,7 @@ def test_check_dataset_names_the_first_bad_lines_when_every_line_is_bad(tiny_mod
     report, bad = check_dataset(cfg, tokenizer, get_template("auto", tokenizer))
     lines = report.splitlines()
     assert bad == 30 and lines[1] == f"  {path}: JSON Lines, messages; samples 0, bad lines 30"
-    assert lines[3] == f"  {path}:1: messages[0].role: unknown role 'bot'; expected one of assistant, system, user"
+    assert lines[3] == f"  {path}:1: messages[0].role: unknown role 'bot'; expected one of assistant, system, tool, user"
     assert lines[3 + 19].startswith(f"  {path}:20: ") and lines[23] == "  … 10 more"
     assert lines[24].startswith("nothing to train on: no usable sample in the data files (30 bad lines")
     with pytest.raises(UserError) as err:  # asked to skip them all: one line, still naming the first
@@ -145,4 +145,4 @@ def test_check_dataset_names_the_first_bad_lines_when_every_line_is_bad(tiny_mod
                       get_template("auto", tokenizer))
     assert str(err.value) == ("no usable sample in the data files (30 bad lines, all skipped; the first: "
                               f"{path}:1: messages[0].role: unknown role 'bot'; expected one of assistant, "
-                              "system, user)")
+                              "system, tool, user)")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tuneforge.data.cache import EncodeSettings, encode_sample
 from tuneforge.data.encode import IGNORE, encode
-from tuneforge.data.formats import Message
+from tuneforge.data.formats import Message, Sample, to_messages
 from tuneforge.data.templates import (
     NAMED_TEMPLATES,
+    Template,
     get_template,
     load_template,
     render,
@@ -83,3 +87,84 @@ def test_template_round_trips_through_a_directory(tokenizer, tmp_path):
 def test_stop_ids_include_end_of_turn(tokenizer):
     ids = stop_token_ids(get_template("auto", tokenizer), tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
+
+
+# A ChatML template with tool support in the manner of Qwen2.5's: tools in the system turn, calls
+# as <tool_call> in the assistant turn, results as a user turn.
+TOOL_JINJA = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n"
+    "{% endif %}# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}{% if m.role == 'system' %}"
+    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>{{ m.content }}</tool_response><|im_end|>\n"
+    "{% elif m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOLY = Template("tooly", TOOL_JINJA, ("<|im_end|>",))
+AREA = {"name": "area", "description": "Area of a shape",
+        "parameters": {"type": "object", "properties": {"side": {"type": "number"}}}}
+TOOL_EXPECTED = (
+    '<|im_start|>system\n# Tools\n{"type": "function", "function": {"name": "area", "description": '
+    '"Area of a shape", "parameters": {"type": "object", "properties": {"side": {"type": "number"}}}}}\n'
+    "<|im_end|>\n<|im_start|>user\nArea of a 7 square?<|im_end|>\n<|im_start|>assistant\n"
+    '⟦<tool_call>{"name": "area", "arguments": {"side": 7}}</tool_call><|im_end|>⟧\n'
+    '<|im_start|>user\n<tool_response>{"area": 49}</tool_response><|im_end|>\n'
+    "<|im_start|>assistant\n⟦It is 49.<|im_end|>⟧\n")
+
+
+def marked(tokenizer, template, messages) -> str:
+    return "".join(f"⟦{t}⟧" if trained else t for t, trained in split_for_training(template, tokenizer, messages))
+
+
+def test_sharegpt_tool_use_trains_calls_and_answers_not_observations(tokenizer):
+    """LLaMA-Factory's glaive_toolcall shape: function_call / observation turns, tools as a JSON string."""
+    rec = {"conversations": [
+        {"from": "human", "value": "Area of a 7 square?"},
+        {"from": "function_call", "value": json.dumps({"name": "area", "arguments": {"side": 7}})},
+        {"from": "observation", "value": '{"area": 49}'},
+        {"from": "gpt", "value": "It is 49."}], "tools": json.dumps([AREA])}
+    assert marked(tokenizer, TOOLY, to_messages(rec, "auto", "f:1")) == TOOL_EXPECTED
+
+
+def test_openai_tool_calls_and_tool_messages_render_the_same(tokenizer):
+    rec = {"messages": [
+        {"role": "user", "content": "Area of a 7 square?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "area", "arguments": '{"side": 7}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"area": 49}'},
+        {"role": "assistant", "content": "It is 49."}],
+        "tools": [{"type": "function", "function": AREA}]}
+    messages = to_messages(rec, "auto", "f:1")
+    assert marked(tokenizer, TOOLY, messages) == TOOL_EXPECTED
+    enc = encode(split_for_training(TOOLY, tokenizer, messages), tokenizer, max_length=10_000)
+    assert labelled_text(tokenizer, enc) == (
+        '<tool_call>{"name": "area", "arguments": {"side": 7}}</tool_call><|im_end|>It is 49.<|im_end|>')
+
+
+def test_tool_use_with_a_template_without_tool_support_is_refused(tokenizer):
+    rec = {"conversations": [{"from": "human", "value": "q"},
+                             {"from": "function_call", "value": '{"name": "area", "arguments": {}}'},
+                             {"from": "observation", "value": "1"}, {"from": "gpt", "value": "a"}]}
+    sample = Sample(tuple(to_messages(rec, "auto", "d.jsonl:3")), "d.jsonl:3")
+    with pytest.raises(UserError) as err:
+        encode_sample(sample, tokenizer, EncodeSettings(get_template("auto", tokenizer), "", 1000, "auto", False))
+    assert str(err.value) == (
+        "d.jsonl:3: tools: prompt_template 'auto' has no tool support (its chat template never renders "
+        "tools or tool calls), so tool calls and results cannot be trained as the model will see them; "
+        "use a model whose chat template renders tools, or drop the tool-use records")
+
+
+@pytest.mark.parametrize("turn, expected", [
+    ({"from": "function_call", "value": "{not json"},
+     "f:1: conversations[1].value: expected a function call (as JSON), got invalid JSON"),
+    ({"from": "function_call", "value": '{"arguments": {}}'},
+     'f:1: conversations[1].value: expected a function call {"name": ..., "arguments": {...}}'),
+    ({"from": "function_call", "value": '{"name": "f", "arguments": [1]}'},
+     "f:1: conversations[1].value.arguments: expected an object, got a list"),
+])
+def test_bad_function_calls_are_named(turn, expected):
+    rec = {"conversations": [{"from": "human", "value": "q"}, turn, {"from": "gpt", "value": "a"}]}
+    with pytest.raises(UserError) as err:
+        to_messages(rec, "auto", "f:1")
+    assert str(err.value).startswith(expected)

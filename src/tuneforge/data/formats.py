@@ -4,8 +4,9 @@ Formats (detected per record when ``data_format='auto'``):
 - ``conversation`` (XTuner): ``{"conversation": [{"system"?, "input", "output", "output_with_loss"?}, ...]}``
   (tuneforge also reads ``"output_truncated": true``: an answer cut short, whose end is not learned)
 - ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}``
-- ``messages`` (OpenAI): ``{"messages": [{"role", "content", "loss"?}, ...]}``
-- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``
+- ``messages`` (OpenAI): ``{"messages": [{"role", "content", "loss"?, "tool_calls"?}, ...], "tools"?}``
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation",
+  "value"}, ...], "tools"?}``
 - ``swift`` (ms-swift, e.g. its self-cognition set): ``{"query", "response", "system"?, "history"?: [[q, a], ...]}``
 """
 
@@ -24,11 +25,15 @@ FORMATS = ("alpaca", "conversation", "messages", "sharegpt", "swift")
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool" (a tool's result, never trained)
     content: str
     loss: bool = True  # assistant turns only: train on this answer?
     truncated: bool = False  # assistant turns only: the answer was cut off, so its end-of-turn
     # marker is not learned (else the model learns to stop mid-answer)
+    tool_calls: tuple[dict, ...] = ()  # assistant turns only: the function calls it makes, as
+    # transformers' chat templates take them: {"type": "function", "function": {"name", "arguments"}}
+    tools: tuple[dict, ...] = ()  # the tool definitions the chat offers, carried by its first message
+    # (the template gets them as apply_chat_template(tools=...))
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,44 @@ def _from_swift(record: dict, where: str) -> list[Message]:
     return out + [Message("user", query), Message("assistant", _answer(record, "response", where, "response"))]
 
 
-_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                   "assistant": "assistant"}
+                   "assistant": "assistant", "function_call": "assistant", "observation": "tool"}
+
+
+def _json_value(value: Any, where: str, field: str, expected: str) -> Any:
+    """VALUE, or the JSON it holds when it is a string (tool calls and tools are often stored so)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: {field}: expected {expected} (as JSON), got invalid JSON: {err.msg}") from err
+
+
+def _tool_call(call: Any, where: str, field: str) -> dict:
+    """One function call, OpenAI's ``{"function": {...}}`` or ShareGPT's ``{"name", "arguments"}``."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+        raise UserError(f'{where}: {field}: expected a function call {{"name": ..., "arguments": {{...}}}}')
+    args = _json_value(fn.get("arguments", {}), where, f"{field}.arguments", "an object")
+    if not isinstance(args, dict):
+        raise UserError(f"{where}: {field}.arguments: expected an object, got {_type_name(args)}")
+    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _tool_calls(calls: Any, where: str, field: str) -> tuple[dict, ...]:
+    calls = _json_value(calls, where, field, "a function call")
+    calls = calls if isinstance(calls, list) else [calls]
+    return tuple(_tool_call(c, where, f"{field}[{j}]" if len(calls) > 1 else field) for j, c in enumerate(calls))
+
+
+def _tools(record: dict, where: str) -> tuple[dict, ...]:
+    """The record's ``tools`` column (a list, or a JSON string of one), as transformers takes it."""
+    tools = _json_value(record.get("tools") or [], where, "tools", "a list of tools")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise UserError(f"{where}: tools: expected a list of tool definitions")
+    return tuple(t if "function" in t else {"type": "function", "function": t} for t in tools)
 
 
 # Content parts that are not text, and why each cannot be trained.
@@ -190,8 +230,15 @@ def _one_message(m: Any, where: str, field: str, role_key: str, text_key: str,
     loss = m.get("loss", True)
     if not isinstance(loss, bool):
         raise UserError(f"{where}: {field}.loss: expected true or false")
+    if raw_role == "function_call":  # ShareGPT: the call is the turn's text
+        return Message(role, "", loss, tool_calls=_tool_calls(m.get(text_key), where, f"{field}.{text_key}"))
+    calls = (_tool_calls(m["tool_calls"], where, f"{field}.tool_calls")
+             if role == "assistant" and m.get("tool_calls") else ())
     if isinstance(m.get(text_key), list):
         m = {text_key: _join_parts(m[text_key], where, f"{field}.{text_key}")}
+    if calls:  # an assistant turn that calls tools may say nothing
+        return Message(role, _text(m, text_key, where, f"{field}.{text_key}", required=False), loss,
+                       tool_calls=calls)
     text = _answer(m, text_key, where, f"{field}.{text_key}") if role == "assistant" else \
         _text(m, text_key, where, f"{field}.{text_key}")
     return Message(role, text, loss)
@@ -205,6 +252,14 @@ def _from_list(turns: Any, where: str, key: str, role_key: str, text_key: str,
     if not any(m.role == "assistant" for m in out):
         raise UserError(f"{where}: {key}: no assistant message to learn from")
     return out
+
+
+def _with_tools(messages: list[Message], record: dict, where: str) -> list[Message]:
+    tools = _tools(record, where)
+    if tools:
+        first = messages[0]
+        messages[0] = Message(first.role, first.content, first.loss, first.truncated, first.tool_calls, tools)
+    return messages
 
 
 _MEDIA_KEYS = {"images": "<image>", "videos": "<video>", "audios": "<audio>"}  # LLaMA-Factory, ms-swift
@@ -243,10 +298,11 @@ def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
     if fmt == "swift":
         return _from_swift(record, where)
     if fmt == "messages":
-        return _from_list(record.get("messages"), where, "messages", "role", "content", _ROLES)
+        return _with_tools(_from_list(record.get("messages"), where, "messages", "role", "content", _ROLES),
+                           record, where)
     if fmt == "sharegpt":
-        return _from_list(record.get("conversations"), where, "conversations", "from", "value",
-                          _SHAREGPT_ROLES)
+        return _with_tools(_from_list(record.get("conversations"), where, "conversations", "from", "value",
+                                      _SHAREGPT_ROLES), record, where)
     raise UserError(f"unknown data_format '{fmt}'; expected auto or one of {', '.join(FORMATS)}")
 
 

@@ -88,32 +88,59 @@ def stop_token_ids(template: Template, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def _as_dict(m: Message | dict) -> dict:
+    if isinstance(m, dict):
+        return m
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        d["tool_calls"] = list(m.tool_calls)
+    return d
+
+
+def has_tool_support(template: Template) -> bool:
+    """Whether the template renders tool definitions and tool calls (as Qwen2.5's, Llama 3.1's do)."""
+    return "tools" in template.chat_template and "tool_calls" in template.chat_template
+
+
 def render(template: Template, tokenizer: Any, messages: list[Message] | list[dict],
-           add_generation_prompt: bool) -> str:
-    dicts = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+           add_generation_prompt: bool, tools: tuple[dict, ...] | list[dict] = ()) -> str:
     return tokenizer.apply_chat_template(
-        dicts, chat_template=template.chat_template, tokenize=False,
-        add_generation_prompt=add_generation_prompt,
+        [_as_dict(m) for m in messages], tools=list(tools) or None, chat_template=template.chat_template,
+        tokenize=False, add_generation_prompt=add_generation_prompt,
     )
+
+
+def _tools_of(template: Template, messages: list[Message]) -> tuple[dict, ...]:
+    """The chat's tool definitions; refuses tool use that the template cannot render."""
+    tools = next((m.tools for m in messages if m.tools), ())
+    uses_tools = tools or any(m.tool_calls or m.role == "tool" for m in messages)
+    if uses_tools and not has_tool_support(template):
+        raise UserError(
+            f"tools: prompt_template '{template.name}' has no tool support (its chat template never "
+            "renders tools or tool calls), so tool calls and results cannot be trained as the model "
+            "will see them; use a model whose chat template renders tools, or drop the tool-use records")
+    return tools
 
 
 def split_for_training(template: Template, tokenizer: Any,
                        messages: list[Message]) -> list[tuple[str, bool]]:
     """Render MESSAGES and cut the text into ``(text, trained)`` segments.
 
-    A trained segment is one assistant answer plus its end-of-turn marker; everything else (system,
-    user turns, the assistant header, whitespace after the marker) is context only. The cut points
+    A trained segment is one assistant answer (or function call) plus its end-of-turn marker;
+    everything else (system, tools, user turns, tool results, the assistant header, whitespace after
+    the marker) is context only. The cut points
     come from rendering each prefix of the chat with and without the generation prompt, so no
     template-specific parsing is needed.
     """
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of the final rendering already assigned to a segment
-    full = render(template, tokenizer, messages, add_generation_prompt=False)
+    tools = _tools_of(template, messages)
+    full = render(template, tokenizer, messages, add_generation_prompt=False, tools=tools)
     for i, msg in enumerate(messages):
-        if msg.role != "assistant":
+        if msg.role != "assistant":  # tool results, like user turns, are context only
             continue
-        prompt = render(template, tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(template, tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = render(template, tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = render(template, tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= done):
             raise UserError(
                 f"prompt_template '{template.name}' does not render chats incrementally (it rewrites "
