@@ -105,7 +105,8 @@ def check_dataset(cfg: Config, tokenizer: Any, template: Template) -> tuple[str,
     except UserError as err:
         if not bad or cfg.skip_bad_lines:
             raise
-        lines.append(f"nothing to train on: {err}")
+        every_line_bad = str(err).startswith("no usable sample")
+        lines.append("samples: 0 usable (every line is bad)" if every_line_bad else f"nothing to train on: {err}")
         return "\n".join(lines), len(bad)
     lengths = rows.lengths
     lines += [
