@@ -272,18 +272,18 @@ MAP_FNS: dict[str, Callable[[dict], dict]] = {fn.__name__: fn for fn in (
     medical_map_fn, oasst1_map_fn, openai_map_fn, openorca_map_fn, pretrain_map_fn, sql_map_fn,
     stack_exchange_map_fn, tiny_codes_map_fn, wizardlm_map_fn)}
 
-_IMAGES = ("image-text data: XTuner puts an <image> placeholder in the user turns for a picture fed "
-           "to a vision encoder; tuneforge trains text-only models, and the placeholder would be "
-           "learned as literal text; train it with XTuner's LLaVA pipeline, or drop the images and ")
+_IMAGES = ("image-text data: XTuner puts an <image> placeholder in the user turns for the pictures a "
+           "vision encoder sees; tuneforge trains text-only models, the placeholders would be learned "
+           "as literal text, and the questions are about the pictures, so the text alone is no SFT "
+           "data; train it with XTuner's LLaVA pipeline")
 _PAIRS = ("preference pairs (a prompt, a chosen and a rejected answer) for DPO: tuneforge has SFT only "
           "so far (issue 21); to train the chosen answers as plain examples, write each record as "
           '{"conversation": [{"system": ..., "input": prompt, "output": chosen}]} and drop rejected')
 
 REFUSED: dict[str, str] = {
-    "llava_map_fn": _IMAGES + "write the text turns as conversation records",
-    "llava_image_only_map_fn": _IMAGES + "write the text turns as conversation records",
-    "mimicit_map_fn": _IMAGES + "write the text turns as conversation records (MIMIC-IT's "
-                                "image_ids name several images per record)",
+    "llava_map_fn": _IMAGES,
+    "llava_image_only_map_fn": _IMAGES,
+    "mimicit_map_fn": _IMAGES + " (MIMIC-IT: several images per record, named by image_ids)",
     "dpo_map_fn": _PAIRS,
     "ultrafeedback_binarized_map_fn": _PAIRS,
     "msagent_react_map_fn": (
