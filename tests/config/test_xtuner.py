@@ -236,15 +236,13 @@ def test_without_target_modules_other_models_keep_all_linear(tmp_path, identity_
 
 
 @pytest.mark.parametrize(("edit", "needle"), [
-    (("dataset_map_fn=None", "dataset_map_fn=oasst1_map_fn"), "dataset_map_fn=oasst1_map_fn"),
+    (("dataset_map_fn=None", "dataset_map_fn=lambda example: example"), "only XTuner's own map functions"),
     (("sequence_parallel_size = 1", "sequence_parallel_size = 2"), "sequence parallelism is not supported"),
     (("optim_type = AdamW", "optim_type = SGD"), "AdamW or AdamW8bit"),
 ])
 def test_what_cannot_be_mapped_is_refused_clearly(tmp_path, identity_data, edit, needle):
     text = XTUNER_CONFIG.replace(*edit)
     text = text.replace("from torch.optim import AdamW", "from torch.optim import SGD, AdamW")
-    if "oasst1" in edit[1]:
-        text = text.replace("import alpaca_map_fn,", "import alpaca_map_fn, oasst1_map_fn,")
     with pytest.raises(UserError, match=needle):
         load_config(_write(tmp_path, "m", identity_data, text))
 
@@ -265,3 +263,47 @@ def test_an_xtuner_config_trains_the_bundled_model(bundled_path, identity_data, 
                            str(work / "iter_3.pth"), str(adapter)], capture_output=True, text=True)
     assert conv.returncode == 0, conv.stderr[-2000:]
     assert (adapter / "adapter_config.json").is_file()
+
+
+def _concat(text: str, second_fn: str, style: str) -> str:
+    """The config with a second dataset of alpaca_zh records, both under a ConcatDataset (as
+    XTuner's *_alpaca_enzh_* configs do), written in STYLE: 'list' (datasets=[...], XTuner's
+    current form) or 'dict' (datasets_cfg=dict(...), its earlier one)."""
+    second = ("alpaca_zh = dict(\n    type=process_hf_dataset,\n"
+              "    dataset=dict(type=load_dataset, path='json', data_files=dict(train='zh.json')),\n"
+              f"    tokenizer=tokenizer,\n    max_length=max_length,\n    dataset_map_fn={second_fn},\n"
+              "    pack_to_max_length=pack_to_max_length)\n\n")
+    concat = ("train_dataset = dict(type=ConcatDataset, datasets=[alpaca_en, alpaca_zh])\n"
+              if style == "list" else
+              "train_dataset = dict(type=ConcatDataset, datasets_cfg=dict(alpaca_en=alpaca_en, alpaca_zh=alpaca_zh))\n")
+    text = text.replace("sampler = SequenceParallelSampler", second + concat + "sampler = SequenceParallelSampler")
+    text = text.replace("    dataset=alpaca_en,\n    sampler=", "    dataset=train_dataset,\n    sampler=")
+    text = text.replace("from xtuner.dataset.map_fns import alpaca_map_fn,",
+                        f"from xtuner.dataset import ConcatDataset\nfrom xtuner.dataset.map_fns import alpaca_map_fn, {second_fn},")
+    return text.replace("dataset_map_fn=None,\n    template_map_fn", "dataset_map_fn=alpaca_map_fn,\n    template_map_fn")
+
+
+@pytest.mark.parametrize("style", ["list", "dict"])
+def test_a_concat_dataset_becomes_one_data_files_entry_per_dataset_with_its_own_format(tmp_path, identity_data, style):
+    path = _write(tmp_path, "m", identity_data, _concat(XTUNER_CONFIG, "alpaca_zh_map_fn", style))
+    settings, _ = read_xtuner_config(path)
+    assert settings["data_files"] == [{"path": str(identity_data), "format": "alpaca_map_fn"},
+                                      {"path": "zh.json", "format": "alpaca_zh_map_fn"}]
+    assert "data_format" not in settings and "alpaca_en_path" not in settings
+    cfg = load_config(path)
+    assert [(s.path, s.format) for s in cfg.data_sources] == [(str(identity_data), "alpaca_map_fn"),
+                                                              ("zh.json", "alpaca_zh_map_fn")]
+
+
+def test_a_scheduler_given_by_its_name_as_a_string_is_read(tmp_path, identity_data):
+    text = XTUNER_CONFIG.replace("type=LinearLR,", "type='LinearLR',")
+    settings, _ = read_xtuner_config(_write(tmp_path, "m", identity_data, text))
+    assert settings["warmup_ratio"] == pytest.approx(0.03)
+
+
+def test_the_summary_shows_the_values_in_force_after_cfg_options(tmp_path, identity_data, capsys):
+    cfg = load_config(_write(tmp_path, "m", identity_data), {"max_length": 512, "lr": 1e-5})
+    said = capsys.readouterr().err
+    assert cfg.max_length == 512
+    assert "max_length=512 (--cfg-options)" in said and "lr=1e-05 (--cfg-options)" in said
+    assert "max_length=256" not in said and "accumulative_counts=2" in said

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuneforge.config.schema import ALIASES, FIELD_NAMES, Config
-from tuneforge.config.xtuner import is_xtuner_config, read_xtuner_config
+from tuneforge.config.xtuner import Report, is_xtuner_config, read_xtuner_config
 from tuneforge.errors import UserError
 
 
@@ -39,13 +39,11 @@ def parse_cfg_options(options: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _settings_of(path: Path) -> dict[str, Any]:
+def _settings_of(path: Path) -> tuple[dict[str, Any], Report | None]:
+    """The file's settings, and for an XTuner config the report of what was read from it."""
     source = path.read_text(encoding="utf-8")
     if is_xtuner_config(source):  # parsed, never run: xtuner and mmengine need not be installed
-        settings, report = read_xtuner_config(path)
-        for line in report.lines():
-            print(f"[tuneforge] {line}", file=sys.stderr)
-        return settings
+        return read_xtuner_config(path)
     namespace: dict[str, Any] = {"__file__": str(path), "__name__": "tuneforge_config"}
     try:
         code = compile(source, str(path), "exec")
@@ -65,7 +63,7 @@ def _settings_of(path: Path) -> dict[str, Any]:
         for k, v in namespace.items()
         if not k.startswith("_")
         and not isinstance(v, (types.ModuleType, types.FunctionType, type))
-    }
+    }, None
 
 
 def _closest(key: str) -> str:
@@ -108,6 +106,9 @@ def load_config(path: str | Path, cfg_options: dict[str, Any] | None = None) -> 
             f"config file '{path}' not found; `tuneforge list-cfg` shows the presets and "
             "`tuneforge copy-cfg NAME .` copies one"
         )
-    settings = _settings_of(path)
+    settings, report = _settings_of(path)
     settings.update(cfg_options or {})
+    if report is not None:  # what is in force: the config's values, or the options over them
+        for line in report.overridden(cfg_options or {}, ALIASES).lines():
+            print(f"[tuneforge] {line}", file=sys.stderr)
     return build_config({**settings, "config_file": str(path.resolve())}, where=str(path))

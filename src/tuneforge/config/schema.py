@@ -18,14 +18,32 @@ ALIASES: dict[str, str] = {
 }
 
 
+DATA_FORMATS = ("auto", "alpaca", "conversation", "messages", "sharegpt")
+
+
+def _check_format(v: str | None) -> str | None:
+    """A record format by name, or an XTuner ``dataset_map_fn`` name (``alpaca_zh_map_fn``): its
+    records are mapped as XTuner maps them (data/xtuner_maps.py says which ones it knows)."""
+    if v is None or v in DATA_FORMATS or v.endswith("_map_fn"):
+        return v
+    raise ValueError(f"unknown data format {v!r}; expected one of {', '.join(DATA_FORMATS)} or an XTuner "
+                     "dataset_map_fn name")
+
+
 class DataSource(BaseModel):
-    """One entry of ``data_files`` when it needs more than a path: mixing ratios."""
+    """One entry of ``data_files`` when it needs more than a path: mixing ratios, its own format."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str
     repeat: int = Field(1, ge=1)  # use every sample this many times per epoch
     max_samples: int | None = Field(None, gt=0)  # take the first N samples of the file only
+    format: str | None = None  # this file's format (None: the config's data_format)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str | None) -> str | None:
+        return _check_format(v)
 
 
 class Config(BaseModel):
@@ -50,7 +68,7 @@ class Config(BaseModel):
 
     # PART 1: data
     data_files: str | list[str | DataSource]
-    data_format: Literal["auto", "alpaca", "conversation", "messages", "sharegpt"] = "auto"
+    data_format: str = "auto"  # see DATA_FORMATS; or an XTuner dataset_map_fn name
     prompt_template: str = "auto"
     SYSTEM: str = ""
     max_length: int = Field(2048, gt=8)
@@ -89,6 +107,11 @@ class Config(BaseModel):
     # The file this config was read from (set by load_config): relative data paths that do not
     # exist from the working directory are looked up beside it, and train keeps a copy of it.
     config_file: str | None = None
+
+    @field_validator("data_format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        return _check_format(v)
 
     @field_validator("data_files")
     @classmethod

@@ -48,9 +48,18 @@ class Unknown:
 class Report:
     taken: dict[str, Any] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)  # setting -> why
+    verbatim: set[str] = field(default_factory=set)  # taken values already written out
+
+    def overridden(self, options: dict[str, Any], aliases: dict[str, str]) -> Report:
+        """The report with --cfg-options' values where they replace what the config set."""
+        named = {aliases.get(k, k): v for k, v in options.items()}
+        taken = {k: named.get(aliases.get(k, k), v) for k, v in self.taken.items()}
+        marked = {k: f"{_short(v)} (--cfg-options)" for k, v in taken.items() if aliases.get(k, k) in named}
+        return Report({k: marked.get(k, v) for k, v in taken.items()}, dict(self.ignored), set(marked))
 
     def lines(self) -> list[str]:
-        out = ["XTuner config: took " + ", ".join(f"{k}={_short(v)}" for k, v in self.taken.items())]
+        out = ["XTuner config: took " + ", ".join(f"{k}={v if k in self.verbatim else _short(v)}"
+                                                  for k, v in self.taken.items())]
         if self.ignored:
             out.append("XTuner config: ignored " + "; ".join(f"{k} ({why})" for k, why in self.ignored.items()))
         return out
@@ -160,18 +169,20 @@ MACHINERY = {
     "default_hooks": "read for checkpoints", "randomness": "read for seed", "model": "read for LoRA/QLoRA",
     "sequence_parallel_size": "1 is the only value tuneforge runs",
 }
-MAP_FNS = {"alpaca_map_fn": "alpaca", "alpaca_zh_map_fn": "alpaca", "openai_map_fn": "messages",
-           "default_map_fn": "alpaca"}
 TEMPLATES = {"internlm2_chat", "qwen_chat", "llama3_chat", "chatml", "default"}
 OPTIMIZERS = {"AdamW": "AdamW", "AdamW8bit": "AdamW8bit", "PagedAdamW8bit": "AdamW8bit"}
 
 
 def _type_name(d: Any) -> str:
+    """The class or function a typed dict names: by reference, by call, or as a string
+    (mmengine's registries take ``type='LinearLR'`` too)."""
     t = d.get("type") if isinstance(d, dict) else None
     if isinstance(t, Ref):
         return t.last
     if isinstance(t, Call) and isinstance(t.func, Ref):
         return t.func.last
+    if isinstance(t, str):
+        return t.rsplit(".", 1)[-1]
     return ""
 
 
@@ -300,48 +311,74 @@ def _map_model(m: _Mapping, env: dict[str, Any]) -> None:
         m.report.ignored["torch_dtype"] = "tuneforge picks bf16 where the GPU has it (fp32 master weights on CPU)"
 
 
-def _find_dataset(env: dict[str, Any]) -> dict | None:
-    """The first process_hf_dataset dict: the train dataloader's, else any top-level one."""
-    datasets = [d for d in _walk_dicts(env.get("train_dataloader", {})) if _type_name(d) == "process_hf_dataset"]
-    datasets = datasets or [d for v in env.values() for d in _walk_dicts(v) if _type_name(d) == "process_hf_dataset"]
-    return datasets[0] if datasets else None
+def _find_datasets(env: dict[str, Any]) -> list[dict]:
+    """The process_hf_dataset dicts the train dataloader reads, in order (several under a
+    ConcatDataset, as ``datasets=[...]`` or ``datasets_cfg=dict(...)``); else the first top-level one."""
+    found = [d for d in _walk_dicts(env.get("train_dataloader", {})) if _type_name(d) == "process_hf_dataset"]
+    found = found or [d for v in env.values() for d in _walk_dicts(v) if _type_name(d) == "process_hf_dataset"][:1]
+    return found
 
 
-def _map_data_files(m: _Mapping, ds: dict) -> None:
-    """dataset=dict(type=load_dataset, path=..., data_files=...): the files, over PART 1's aliases."""
+def _dataset_files(ds: dict) -> Any:
+    """dataset=dict(type=load_dataset, path=..., data_files=...): the files (or hub name), or None."""
     inner = _sub(ds, "dataset")
     files = inner.get("data_files")
     if files is None and isinstance(inner.get("path"), str) and inner.get("path") not in ("json", "csv", "parquet"):
         files = inner["path"]  # a hub dataset name, or a local path
-    if files is None:
-        return
-    m.take("data_files", list(files.values())[0] if isinstance(files, dict) and len(files) == 1 else files)
-    for alias in ("alpaca_en_path", "data_path"):
-        if alias in m.out and m.out[alias] != m.out.get("data_files"):
-            del m.out[alias], m.report.taken[alias]
-            m.report.ignored[alias] = "the dataset's data_files are used"
+    return list(files.values())[0] if isinstance(files, dict) and len(files) == 1 else files
 
 
-def _map_data_format(m: _Mapping, ds: dict) -> None:
-    """dataset_map_fn: one whose records tuneforge reads itself, or None (tuneforge detects the format)."""
+def _data_format(m: _Mapping, ds: dict) -> str | None:
+    """The format of a dataset's records: its dataset_map_fn by name (data/xtuner_maps.py maps
+    each record as that function does, or refuses it with the reason), or None for "auto"."""
     map_fn = ds.get("dataset_map_fn")
     if isinstance(map_fn, Ref):
-        if map_fn.last not in MAP_FNS:
-            raise UserError(f"{m.path}: dataset_map_fn={map_fn.last}: tuneforge reads alpaca, XTuner "
-                            "conversation, OpenAI messages and ShareGPT records directly; convert the data "
-                            f"to one of them, or use one of: {', '.join(sorted(MAP_FNS))} or None")
-        m.take("data_format", MAP_FNS[map_fn.last])
-    elif map_fn is None and "dataset_map_fn" in ds:
-        m.take("data_format", "auto")
+        return map_fn.last
+    if map_fn is None and "dataset_map_fn" in ds:
+        return "auto"
+    if "dataset_map_fn" in ds:  # a lambda or a function defined in the config
+        raise UserError(f"{m.path}: dataset_map_fn = {_short(map_fn)}: only XTuner's own map functions "
+                        "are read; convert the data to alpaca, conversation, messages or ShareGPT records "
+                        "and set dataset_map_fn=None")
+    return None
+
+
+def _data_sources(m: _Mapping, datasets: list[dict]) -> list[dict]:
+    """One data_files entry per file of each dataset, with that dataset's format."""
+    sources = []
+    for ds in datasets:
+        files, fmt = _dataset_files(ds), _data_format(m, ds)
+        if files is None:
+            raise UserError(f"{m.path}: a dataset of the ConcatDataset names no data files "
+                            "(dataset=dict(type=load_dataset, path=... or data_files=...))")
+        for f in files if isinstance(files, list | tuple) else [files]:
+            sources.append({"path": f, **({"format": fmt} if fmt and fmt != "auto" else {})})
+    return sources
 
 
 def _map_dataset(m: _Mapping, env: dict[str, Any]) -> None:
-    """The dataset: dict(type=process_hf_dataset, dataset=dict(type=load_dataset, ...), ...)"""
-    ds = _find_dataset(env)
-    if ds is None:
+    """The dataset: dict(type=process_hf_dataset, dataset=dict(type=load_dataset, ...), ...), or
+    several of them concatenated; packing, length and template from the first."""
+    datasets = _find_datasets(env)
+    if not datasets:
         return
-    _map_data_files(m, ds)
-    _map_data_format(m, ds)
+    ds = datasets[0]
+    if len(datasets) == 1:
+        files, fmt = _dataset_files(ds), _data_format(m, ds)
+        if files is not None:
+            m.take("data_files", files)
+        if fmt is not None:
+            m.take("data_format", fmt)
+    else:
+        m.take("data_files", _data_sources(m, datasets))
+        for key in ("max_length", "pack_to_max_length"):
+            if len({repr(d.get(key)) for d in datasets}) > 1:
+                m.report.ignored[f"{key} of the later datasets"] = "one value for all data; the first dataset's is used"
+    if "data_files" in m.out:
+        for alias in ("alpaca_en_path", "data_path"):
+            if alias in m.out and m.out[alias] != m.out.get("data_files"):
+                del m.out[alias], m.report.taken[alias]
+                m.report.ignored[alias] = "the dataset's data_files are used"
     tmpl = ds.get("template_map_fn")
     if isinstance(tmpl, dict) and "template" in tmpl:
         name = _template(tmpl["template"], m.report, "template_map_fn.template")
