@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -307,3 +309,42 @@ def test_the_summary_shows_the_values_in_force_after_cfg_options(tmp_path, ident
     assert cfg.max_length == 512
     assert "max_length=512 (--cfg-options)" in said and "lr=1e-05 (--cfg-options)" in said
     assert "max_length=256" not in said and "accumulative_counts=2" in said
+
+
+def test_a_concat_of_alpaca_and_alpaca_zh_trains_each_file_as_xtuner_maps_it(tmp_path, tokenizer):
+    """The enzh tutorial's shape: English alpaca records in a .json list, Chinese ones (the *_zh
+    fields) as JSON Lines in a .json file; each trained as XTuner's own map function makes it."""
+    from tuneforge.data.formats import load_samples
+    from tuneforge.data.inspect import marked_render
+    from tuneforge.data.templates import get_template
+
+    en = tmp_path / "en.json"
+    en.write_text(json.dumps([{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+                              {"instruction": "Skip me", "input": "", "output": "<nooutput>"}]))
+    zh = tmp_path / "zh.json"
+    zh.write_text(json.dumps({"instruction_zh": "说一种颜色。", "input_zh": "天空", "output_zh": "蓝色。"},
+                             ensure_ascii=False) + "\n")
+    text = _concat(XTUNER_CONFIG, "alpaca_zh_map_fn", "list").replace("'zh.json'", repr(str(zh)))
+    cfg = load_config(_write(tmp_path, "m", en, text), {"SYSTEM": ""})
+    template = get_template(cfg.prompt_template, tokenizer)
+    rendered = [marked_render(template, tokenizer, cfg, s)
+                for src in cfg.data_sources for s in load_samples(Path(src.path), src.format)]
+    bos = tokenizer.bos_token  # internlm2_chat opens with the BOS token (this tokenizer's is <|im_start|>)
+    assert rendered == [
+        # alpaca_map_fn always joins instruction and input: an empty input leaves a newline;
+        # its <nooutput> record is dropped, as XTuner drops it
+        f"{bos}<|im_start|>user\nName a colour.\n<|im_end|>\n<|im_start|>assistant\n⟦Blue.<|im_end|>⟧\n",
+        f"{bos}<|im_start|>user\n说一种颜色。\n天空<|im_end|>\n<|im_start|>assistant\n⟦蓝色。<|im_end|>⟧\n",
+    ]
+
+
+def test_a_map_function_that_is_not_chat_sft_stops_before_the_first_record(tmp_path, tokenizer, identity_data):
+    from tuneforge.data.dataset import build_rows
+    from tuneforge.data.templates import get_template
+
+    for fn, needle in (("llava_map_fn", "image"), ("pretrain_map_fn", "raw text"), ("nope_map_fn", "not a map function")):
+        text = XTUNER_CONFIG.replace("dataset_map_fn=None", f"dataset_map_fn={fn}").replace(
+            "import alpaca_map_fn,", f"import alpaca_map_fn, {fn},")
+        cfg = load_config(_write(tmp_path, "m", identity_data, text), {"skip_bad_lines": True})
+        with pytest.raises(UserError, match=rf"{identity_data.name}: dataset_map_fn={fn}: .*{needle}"):
+            build_rows(cfg, tokenizer, get_template(cfg.prompt_template, tokenizer), use_cache=False)

@@ -18,7 +18,7 @@ ALIASES: dict[str, str] = {
 }
 
 
-DATA_FORMATS = ("auto", "alpaca", "conversation", "messages", "sharegpt")
+DATA_FORMATS = ("auto", "alpaca", "conversation", "messages", "sharegpt", "swift")
 
 
 def _check_format(v: str | None) -> str | None:

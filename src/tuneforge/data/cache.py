@@ -26,7 +26,7 @@ from tuneforge.errors import UserError
 from tuneforge.files import atomic_directory
 from tuneforge.models.resolve import cache_dir
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: KTO/multimodal refusals, content parts, ms-swift, tool use, XTuner map fns
 PARALLEL_MIN_SAMPLES = 20_000
 _CHUNK = 5_000
 

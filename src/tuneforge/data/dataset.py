@@ -81,15 +81,17 @@ def resolve_data_path(name: str, cfg: Config) -> list[Path]:
     )
 
 
-def encode_settings(cfg: Config, template: Template) -> EncodeSettings:
-    return EncodeSettings(template, cfg.SYSTEM, cfg.max_length, cfg.data_format, cfg.skip_bad_lines)
+def encode_settings(cfg: Config, template: Template, source: DataSource | None = None) -> EncodeSettings:
+    """How a file is encoded: SOURCE's own format where it has one (an XTuner ConcatDataset's
+    datasets each have theirs), else the config's data_format."""
+    fmt = source.format if source is not None and source.format else cfg.data_format
+    return EncodeSettings(template, cfg.SYSTEM, cfg.max_length, fmt, cfg.skip_bad_lines)
 
 
 def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool = True,
                extra: list[DataSource] | None = None) -> tuple[TrainRows, DatasetStats]:
     """Rows for the config's data, plus EXTRA sources (replay data) when given."""
     started = time.time()
-    settings = encode_settings(cfg, template)
     fp = tokenizer_fingerprint(tokenizer)
     stores: list[TokenStore] = []
     files: list[Path] = []
@@ -99,7 +101,7 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool 
     for src in cfg.data_sources + (extra or []):
         s_of, i_of = [], []
         for path in resolve_data_path(src.path, cfg):
-            store, hit = encode_file(path, tokenizer, settings, fp, use_cache)
+            store, hit = encode_file(path, tokenizer, encode_settings(cfg, template, src), fp, use_cache)
             cached += hit
             s_of.append(np.full(len(store), len(stores)))
             i_of.append(np.arange(len(store)))

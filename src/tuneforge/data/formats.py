@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneforge.data.xtuner_maps import apply_map, check_map
 from tuneforge.errors import UserError
 
 FORMATS = ("alpaca", "conversation", "messages", "sharegpt", "swift")
@@ -289,6 +290,9 @@ def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object per line, got {_type_name(record)}")
     _refuse_untrainable(record, where)
+    if fmt.endswith("_map_fn"):  # an XTuner config's dataset_map_fn: the record as it maps it
+        mapped = apply_map(fmt, record, where)
+        return _from_conversation(mapped, where) if mapped["conversation"] else []  # [] : XTuner drops it
     if fmt == "auto":
         fmt = detect_format(record, where)
     if fmt == "conversation":
@@ -303,7 +307,8 @@ def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
     if fmt == "sharegpt":
         return _with_tools(_from_list(record.get("conversations"), where, "conversations", "from", "value",
                                       _SHAREGPT_ROLES), record, where)
-    raise UserError(f"unknown data_format '{fmt}'; expected auto or one of {', '.join(FORMATS)}")
+    raise UserError(f"unknown data_format '{fmt}'; expected auto or one of {', '.join(FORMATS)}, "
+                    "or an XTuner dataset_map_fn name")
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -395,14 +400,36 @@ def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str
         yield from _json_lines_records(path, bad)
 
 
+# XTuner trains these records' text whole, with no chat template (template_map_fn=None)
+RAW_TEXT_MAP_FNS = ("pretrain_map_fn", "completion_map_fn")
+
+
+def check_format(fmt: str, path: Path) -> None:
+    """A format that cannot read PATH at all stops before its first record (not once per line)."""
+    if not fmt.endswith("_map_fn"):
+        return
+    try:
+        name = check_map(fmt)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    if name in RAW_TEXT_MAP_FNS:
+        raise UserError(f"{path}: dataset_map_fn={name}: XTuner trains these records as raw text without a "
+                        "chat template (continued pre-training); tuneforge trains chat turns only so far: "
+                        "write the data as conversation records instead")
+
+
 def iter_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> Iterator[Sample]:
     """Every sample of PATH, streamed. With BAD given, malformed records are appended there and
-    skipped; without it the first one raises."""
+    skipped; without it the first one raises. A record an XTuner map function maps to nothing
+    is skipped, as XTuner skips it."""
+    check_format(fmt, path)
     empty = True
     for where, rec in iter_records(path, bad):
         try:
-            yield Sample(tuple(to_messages(rec, fmt, where)), where)
+            messages = to_messages(rec, fmt, where)
             empty = False
+            if messages:
+                yield Sample(tuple(messages), where)
         except UserError as err:
             if bad is None:
                 raise

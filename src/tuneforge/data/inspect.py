@@ -46,12 +46,16 @@ def masked_text(tokenizer: Any, enc: Encoded) -> str:
 
 
 def first_good_sample(cfg: Config) -> Sample | None:
-    for path in resolve_data_path(cfg.data_sources[0].path, cfg):
+    source = cfg.data_sources[0]
+    fmt = source.format or cfg.data_format
+    for path in resolve_data_path(source.path, cfg):
         for where, rec in iter_records(path):
             try:
-                return Sample(tuple(to_messages(rec, cfg.data_format, where)), where)
+                messages = to_messages(rec, fmt, where)
             except UserError:
                 continue
+            if messages:
+                return Sample(tuple(messages), where)
     return None
 
 
@@ -80,13 +84,14 @@ def detected_format(path: Path, data_format: str) -> str:
 def file_report(cfg: Config, tokenizer: Any, template: Template) -> tuple[list[str], list[str]]:
     """One line per data file (how it is read, the record format, samples, bad lines), and all the
     bad lines. Encodes each file into the cache, so the build that follows reads it back."""
-    settings = encode_settings(cfg.model_copy(update={"skip_bad_lines": True}), template)
+    skipping = cfg.model_copy(update={"skip_bad_lines": True})
     fp = tokenizer_fingerprint(tokenizer)
-    paths = dict.fromkeys(p for src in cfg.data_sources for p in resolve_data_path(src.path, cfg))
+    paths = {p: src for src in cfg.data_sources for p in resolve_data_path(src.path, cfg)}
     lines, bad = [f"files: {len(paths)}"], []
-    for path in paths:
+    for path, src in paths.items():
+        settings = encode_settings(skipping, template, src)
         store, _ = encode_file(path, tokenizer, settings, fp)
-        lines.append(f"  {path}: {file_kind(path)}, {detected_format(path, cfg.data_format)}; "
+        lines.append(f"  {path}: {file_kind(path)}, {detected_format(path, settings.data_format)}; "
                      f"samples {len(store)}, bad lines {len(store.bad)}")
         bad += store.bad
     return lines, bad
