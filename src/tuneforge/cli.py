@@ -106,7 +106,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from tuneforge.chat.cli import run_chat
-    from tuneforge.chat.engine import Sampling
+    from tuneforge.models.generate import Sampling
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k,
@@ -118,9 +118,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from tuneforge.chat.cli import load_for_chat
-    from tuneforge.chat.engine import template_for
     from tuneforge.chat.server import Served, serve
     from tuneforge.chat.worker import Worker
+    from tuneforge.data.templates import template_for
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"[tuneforge] warning: listening on {args.host} without --api-key: anyone who can reach "
@@ -151,7 +151,7 @@ def cmd_replace(args: argparse.Namespace) -> None:
 
 def cmd_eval_identity(args: argparse.Namespace) -> None:
     from tuneforge.chat.cli import load_for_chat
-    from tuneforge.chat.engine import template_for
+    from tuneforge.data.templates import template_for
     from tuneforge.evaluate.identity import evaluate_identity, format_report, save_json
 
     model, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter,

@@ -3,8 +3,8 @@ from __future__ import annotations
 import io
 
 from tuneforge.chat.cli import run_chat
-from tuneforge.chat.engine import Sampling, generate, template_for
-from tuneforge.data.templates import get_template, save_template
+from tuneforge.data.templates import get_template, save_template, template_for
+from tuneforge.models.generate import Sampling, generate
 
 
 class Piped(io.StringIO):

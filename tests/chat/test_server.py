@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tuneforge.chat.cli import load_for_chat
-from tuneforge.chat.engine import template_for
 from tuneforge.chat.server import Served, make_server
 from tuneforge.chat.worker import Worker
+from tuneforge.data.templates import template_for
 
 KEY = "sk-test-key"
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
@@ -198,7 +198,7 @@ def test_serve_command_starts_and_refuses_a_busy_port(tiny_model_dir):
 
 def test_chat_in_4_bits(bundled_path):
     pytest.importorskip("bitsandbytes")
-    from tuneforge.chat.engine import Sampling, generate
+    from tuneforge.models.generate import Sampling, generate
 
     llm, tokenizer, template_dir = load_for_chat(str(bundled_path), None, bits=4)
     assert any(type(m).__name__ == "Linear4bit" for m in llm.modules())

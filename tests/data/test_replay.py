@@ -12,7 +12,7 @@ from tuneforge.data.templates import get_template
 def test_replay_is_the_base_models_own_answers_and_is_keyed_by_model(tiny_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.chat.engine import Sampling, generate
+    from tuneforge.models.generate import Sampling, generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     template = get_template("auto", tokenizer)

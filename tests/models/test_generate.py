@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "tuneforge"
 
 
 def test_batches_report_progress_and_match_one_by_one(tiny_model_dir, tokenizer):
-    from tuneforge.chat.engine import generate
+    from tuneforge.models.generate import generate
 
     model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
     template = get_template("auto", tokenizer)
@@ -23,12 +23,6 @@ def test_batches_report_progress_and_match_one_by_one(tiny_model_dir, tokenizer)
                              on_batch=lambda done, size: calls.append((done, size)))
     assert calls == [(2, 2), (4, 2), (5, 1)]
     assert replies[1] == generate(model, tokenizer, template, chats[1], Sampling(max_new_tokens=5))
-
-
-def test_chat_engine_re_exports_the_same_primitives():
-    from tuneforge.chat import engine
-
-    assert engine.Sampling is Sampling and engine.generate_batch is generate_batch
 
 
 def test_a_4bit_cpu_model_generates_through_its_unquantized_base(tiny_model_dir):

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tuneforge.chat.engine import Sampling
+from tuneforge.models.generate import Sampling
 
 ROLES = ("system", "user", "assistant")
 

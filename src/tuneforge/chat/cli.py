@@ -9,8 +9,9 @@ from typing import Any, TextIO
 
 import torch
 
-from tuneforge.chat.engine import Sampling, generate, prompt_ids, template_for
+from tuneforge.data.templates import template_for
 from tuneforge.errors import UserError
+from tuneforge.models.generate import Sampling, generate, prompt_ids
 
 
 def load_for_chat(model: str, adapter: str | None, device: str = "auto", bits: int | None = None,

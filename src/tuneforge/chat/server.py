@@ -16,8 +16,8 @@ from importlib import resources
 from typing import Any
 
 from tuneforge.chat import api
-from tuneforge.chat.engine import Reply
 from tuneforge.chat.worker import Worker
+from tuneforge.models.generate import Reply
 
 MAX_BODY = 1 << 20  # bytes
 

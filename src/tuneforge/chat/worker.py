@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuneforge.chat.api import ApiError, ChatRequest
-from tuneforge.chat.engine import Reply, generate_reply, prompt_ids
 from tuneforge.data.templates import Template
+from tuneforge.models.generate import Reply, generate_reply, prompt_ids
 
 
 @dataclass

@@ -167,3 +167,17 @@ def load_template(directory: str | Path) -> Template | None:
     if not path.is_file():
         return None
     return Template.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def template_for(model_dir: str | Path | None, tokenizer: Any, override: str | None) -> Template:
+    """The template to chat with a model in MODEL_DIR: ``--prompt-template`` if given, else the
+    template saved with the model, else the tokenizer's own."""
+    if override:
+        return get_template(override, tokenizer)
+    saved = load_template(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    if saved is not None:
+        return saved
+    try:
+        return get_template("auto", tokenizer)
+    except UserError as err:
+        raise UserError(f"{model_dir}: no saved template and {err}") from err
