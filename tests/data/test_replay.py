@@ -5,7 +5,14 @@ import json
 from conftest import tiny_config
 
 from tuneforge.data.general_prompts import GENERAL_EN, GENERAL_ZH
-from tuneforge.data.replay import build_replay, replay_path
+from tuneforge.data.replay import (
+    answer_prompts,
+    prompts_for,
+    read_answers,
+    replay_path,
+    replay_prompts,
+    training_file,
+)
 from tuneforge.data.templates import get_template
 
 
@@ -16,7 +23,9 @@ def test_replay_is_the_base_models_own_answers_and_is_keyed_by_model(tiny_model_
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     template = get_template("auto", tokenizer)
-    out = build_replay(model, tokenizer, template, tmp_path / "r.jsonl", max_new_tokens=6)
+    cache = tmp_path / "answers.jsonl"
+    answer_prompts(model, tokenizer, template, cache, replay_prompts(), max_new_tokens=6)
+    out = training_file(cache, replay_prompts(), tmp_path / "r.jsonl")
     records = [json.loads(x) for x in out.read_text().splitlines()]
     prompts = [r["conversation"][0]["input"] for r in records]
     assert set(prompts) <= set(GENERAL_EN + GENERAL_ZH) and len(records) >= 150
@@ -24,6 +33,38 @@ def test_replay_is_the_base_models_own_answers_and_is_keyed_by_model(tiny_model_
     assert records[0]["conversation"][0]["output"] == one  # batched == one by one, greedy
     assert replay_path(tiny_model_dir, template, "", 64) != replay_path(tiny_model_dir, template, "", 32)
     assert replay_path(tiny_model_dir, template, "", 64) != replay_path(tiny_model_dir, template, "sys", 64)
+
+
+def test_a_short_run_answers_only_the_prompts_it_can_train_on_and_a_longer_one_adds_the_rest(tmp_path):
+    every = replay_prompts()
+    assert sorted(every) == sorted(GENERAL_EN + GENERAL_ZH)
+    few = prompts_for(0.1)
+    assert len(few) == 32 and few == every[:32]  # a first part of one fixed order
+    assert {p in GENERAL_ZH for p in few} == {True, False}  # which mixes both languages
+    assert prompts_for(1.0) == every and prompts_for(0.0) == every[:1]
+
+    class Echo:  # a stand-in for generate_batch's model: answers each prompt with its length
+        calls: list[list[str]] = []
+
+    def fake_generate(model, tokenizer, template, chats, sampling, batch_size, with_finished, on_batch):
+        asked = [c[-1]["content"] for c in chats]
+        Echo.calls.append(asked)
+        on_batch(len(chats), len(chats))
+        return [str(len(p)) for p in asked], [True] * len(asked)
+
+    import tuneforge.data.replay as replay
+
+    real, replay.generate_batch = replay.generate_batch, fake_generate
+    try:
+        cache = tmp_path / "answers.jsonl"
+        answer_prompts(None, None, None, cache, few, progress=False)
+        later = replay.missing(cache, prompts_for(0.2))
+        assert later == every[32:63]  # only what the longer run adds
+        answer_prompts(None, None, None, cache, later, progress=False)
+    finally:
+        replay.generate_batch = real
+    assert Echo.calls == [few, later]
+    assert list(read_answers(cache)) == every[:63]
 
 
 def test_training_with_replay_mixes_it_in(tiny_model_dir, identity_data, tmp_path, monkeypatch, capsys):
@@ -35,8 +76,12 @@ def test_training_with_replay_mixes_it_in(tiny_model_dir, identity_data, tmp_pat
                       max_steps=2, identity_guard=True, evaluation_max_new_tokens=4)
     train(cfg, tmp_path / "w", RunOptions(progress=False))
     out = capsys.readouterr()
-    assert "data with replay:" in out.out + out.err
-    assert list((tmp_path / "cache" / "replay").glob("*.jsonl"))
+    said = out.out + out.err
+    assert "data with replay:" in said
+    # 2 steps of 2x2 rows, of the identity data's ~200 rows: a few of the 314 prompts
+    assert " of the 314 general prompts (what 2 steps can train on)" in said
+    trained = [json.loads(x)["conversation"][0]["input"] for x in (tmp_path / "w" / "replay.jsonl").read_text().splitlines()]
+    assert 1 <= len(trained) < 20 and set(trained) <= set(replay_prompts()[:20])
     log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log)  # the guard asked its questions
 
@@ -53,16 +98,17 @@ def test_qlora_on_a_cpu_replays_the_unquantized_base_with_progress(tiny_model_di
     from tuneforge.train.options import RunOptions
     from tuneforge.train.recipe import train
 
+    # a whole epoch (about 50 steps of the tiny model): every prompt is answered
     cfg = tiny_config(tiny_model_dir, identity_data, method="qlora", replay_general=True,
-                      replay_max_new_tokens=4, max_steps=1)
+                      replay_max_new_tokens=4, max_steps=None, max_epochs=1, save_steps=1000)
     train(cfg, tmp_path / "w", RunOptions(progress=True))
     out = capsys.readouterr()
-    prompts = GENERAL_EN + GENERAL_ZH
-    assert f"(unquantized: 4-bit is slow on a CPU) answers {len(prompts)} general prompts" in out.out
+    prompts = replay_prompts()
+    assert f"replay: all {len(prompts)} general prompts (what the whole run can train on); the base " \
+           f"model (unquantized: 4-bit is slow on a CPU) answers the {len(prompts)} not cached yet" in out.out
     assert "will take about" in out.out  # the estimate, once the first batch is done
     assert f"replay: 64/{len(prompts)} prompts [" in out.err and "left]" in out.err  # a line per batch
-    records = [json.loads(x)["conversation"][0] for x in
-               next((tmp_path / "cache" / "replay").glob("*.jsonl")).read_text().splitlines()]
+    records = [json.loads(x)["conversation"][0] for x in (tmp_path / "w" / "replay.jsonl").read_text().splitlines()]
 
     tok = load_tokenizer(tiny_model_dir)
     template = get_template(cfg.prompt_template, tok)

@@ -3,7 +3,8 @@
 Training on identity data alone moves every answer towards the identity sentence. Training at
 the same time on what the base model already says to ordinary requests holds those answers in
 place, at no cost in new data: the targets come from the model itself (self-distillation). The
-answers are generated once per base model, template and prompt set, then cached.
+answers are generated once per base model, template, system prompt and prompt, then cached; a
+short run answers only the prompts it can train on (``prompts_for``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -27,8 +29,19 @@ from tuneforge.models.resolve import cache_dir
 
 
 def replay_prompts() -> list[str]:
-    """The shipped general prompts the base model answers."""
-    return GENERAL_EN + GENERAL_ZH
+    """The shipped general prompts the base model answers, in a fixed shuffled order: any first
+    part of it mixes English and Chinese requests of every kind."""
+    prompts = GENERAL_EN + GENERAL_ZH
+    order = random.Random(0).sample(range(len(prompts)), len(prompts))
+    return [prompts[i] for i in order]
+
+
+def prompts_for(fraction: float) -> list[str]:
+    """The prompts a run that trains FRACTION of its data needs: the run sees about that part of
+    the replay samples too, so answering more is work nobody trains on. All of them for a run of
+    whole epochs."""
+    prompts = replay_prompts()
+    return prompts[:max(1, min(len(prompts), math.ceil(fraction * len(prompts))))]
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -41,11 +54,41 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def replay_path(model_dir: Path, template: Template, system: str, max_new_tokens: int) -> Path:
-    prompts = replay_prompts()
+    """The answer cache of one base model, template, system prompt and answer length: one JSON
+    line per prompt answered so far (runs that need more prompts add theirs)."""
     key = hashlib.sha256(json.dumps(
-        [model_fingerprint(model_dir), template.chat_template, system, max_new_tokens, prompts],
+        [model_fingerprint(model_dir), template.chat_template, system, max_new_tokens],
         ensure_ascii=False).encode()).hexdigest()[:24]
-    return cache_dir() / "replay" / f"{key}.jsonl"
+    return cache_dir() / "replay" / f"{key}.answers.jsonl"
+
+
+def read_answers(cache: Path) -> dict[str, dict[str, Any]]:
+    """Prompt -> {"answer", "finished"} for every prompt CACHE holds."""
+    if not cache.is_file():
+        return {}
+    records = (json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line)
+    return {r["prompt"]: r for r in records}
+
+
+def missing(cache: Path, prompts: list[str]) -> list[str]:
+    have = read_answers(cache)
+    return [p for p in prompts if p not in have]
+
+
+def training_file(cache: Path, prompts: list[str], out: Path) -> Path:
+    """PROMPTS' cached answers as conversation jsonl at OUT, the file the run trains on.
+
+    Answers cut off at the length limit are kept, marked ``output_truncated`` so that only their
+    text is learned, not an end-of-turn after it: the opening of an answer is what identity
+    training would otherwise overwrite. Empty answers are left out."""
+    answers = read_answers(cache)
+    with atomic_write(out) as f:
+        for p in prompts:
+            r = answers[p]
+            if r["answer"].strip():
+                turn = {"input": p, "output": r["answer"], **({} if r["finished"] else {"output_truncated": True})}
+                f.write(json.dumps({"conversation": [turn]}, ensure_ascii=False) + "\n")
+    return out
 
 
 class _Progress:
@@ -81,19 +124,15 @@ def _clock(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def build_replay(model: Any, tokenizer: Any, template: Template, out: Path, system: str = "",
-                 max_new_tokens: int = 64, batch_size: int = 64,
-                 say: Callable[[str], None] | None = None, progress: bool = True) -> Path:
-    """Answer the shipped general prompts with MODEL and write them as conversation jsonl.
+def answer_prompts(model: Any, tokenizer: Any, template: Template, cache: Path, prompts: list[str],
+                   system: str = "", max_new_tokens: int = 64, batch_size: int = 64,
+                   say: Callable[[str], None] | None = None, progress: bool = True) -> None:
+    """Answer PROMPTS with MODEL (greedy) and add the answers to CACHE, written whole.
 
-    Answers cut off at ``max_new_tokens`` are kept, marked ``output_truncated`` so that only
-    their text is learned, not an end-of-turn after it: the opening of an answer is what identity
-    training would otherwise overwrite. Empty answers are left out. PROGRESS shows the answers
-    so far with an ETA on stderr; SAY hears the estimated total time once the first batch is done.
-    Batches of 64: the 314 prompts took 91s on 2 CPU cores with the bundled model against 117s in
-    batches of 32 (and 93s in batches of 160).
+    PROGRESS shows the answers so far with an ETA on stderr; SAY hears the estimated total time
+    once the first batch is done. Batches of 64: the 314 prompts took 91s on 2 CPU cores with the
+    bundled model against 117s in batches of 32 (and 93s in batches of 160).
     """
-    prompts = replay_prompts()
     chats = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
              for p in prompts]
     bar = _Progress(len(chats), math.ceil(len(chats) / batch_size), say, progress)
@@ -103,9 +142,9 @@ def build_replay(model: Any, tokenizer: Any, template: Template, out: Path, syst
                                            with_finished=True, on_batch=bar)
     finally:
         bar.close()
-    with atomic_write(out) as f:
-        for p, a, done in zip(prompts, answers, finished, strict=True):
-            if a.strip():
-                turn = {"input": p, "output": a, **({} if done else {"output_truncated": True})}
-                f.write(json.dumps({"conversation": [turn]}, ensure_ascii=False) + "\n")
-    return out
+    known = read_answers(cache)
+    known.update({p: {"prompt": p, "answer": a, "finished": done}
+                  for p, a, done in zip(prompts, answers, finished, strict=True)})
+    with atomic_write(cache) as f:
+        for r in known.values():
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

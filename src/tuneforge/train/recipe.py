@@ -30,7 +30,14 @@ from tuneforge import compat, fast
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.data.batching import collate, labelled, micro_batches, model_inputs, padded_tokens
 from tuneforge.data.dataset import build_rows
-from tuneforge.data.replay import build_replay, replay_path, replay_prompts
+from tuneforge.data.replay import (
+    answer_prompts,
+    missing,
+    prompts_for,
+    replay_path,
+    replay_prompts,
+    training_file,
+)
 from tuneforge.data.templates import get_template
 from tuneforge.errors import UserError
 from tuneforge.fast.apply import Target
@@ -218,27 +225,43 @@ class Recipe:
         return model, patched
 
     def _mix_replay(self, model: Any) -> None:
-        """The base model's answers to the general prompts mixed into the rows: generated once
-        (by rank 0; by the unquantized base where the model is 4-bit on a CPU), then cached."""
-        cfg = self.cfg
-        path = replay_path(self.model_path, self.template, cfg.SYSTEM, cfg.replay_max_new_tokens)
-        if not self.ranks.main:
-            parallel.barrier(self.ranks)
-        if path.is_file():
-            self.say(f"replay: base-model answers to general prompts from {path}")
+        """The base model's answers to the general prompts mixed into the rows: as many prompts
+        as the run can train on, answered once (by rank 0; by the unquantized base where the
+        model is 4-bit on a CPU) and cached for later runs."""
+        cfg, ranks = self.cfg, self.ranks
+        cache = replay_path(self.model_path, self.template, cfg.SYSTEM, cfg.replay_max_new_tokens)
+        consumed = cfg.max_steps * cfg.batch_size * cfg.accumulative_counts * ranks.world if cfg.max_steps else None
+        prompts = prompts_for(min(1.0, consumed / max(1, len(self.rows))) if consumed else 1.0)
+        out = self.work_dir / "replay.jsonl"
+        if not ranks.main:
+            parallel.barrier(ranks)
         else:
-            t0 = time.time()
-            with unquantized_on_cpu(model, self.model_path, cfg.trust_remote_code) as answerer:
-                how = " (unquantized: 4-bit is slow on a CPU)" if answerer is not model else ""
-                self.say(f"replay: the base model{how} answers {len(replay_prompts())} general prompts once, "
-                         f"up to {cfg.replay_max_new_tokens} tokens each (cached for later runs)")
-                build_replay(answerer, self.tokenizer, self.template, path, cfg.SYSTEM,
-                             cfg.replay_max_new_tokens, say=self.say, progress=self.options.progress)
-                del answerer  # the unquantized copy goes before training starts
-            self.say(f"replay: done in {time.time() - t0:.0f}s -> {path}")
-        if self.ranks.main:
-            parallel.barrier(self.ranks)
-        self._build_rows(extra=[DataSource(path=str(path), repeat=cfg.replay_repeat)])
+            self._answer_replay(model, cache, prompts)
+            training_file(cache, prompts, out)
+            parallel.barrier(ranks)
+        self._build_rows(extra=[DataSource(path=str(out), repeat=cfg.replay_repeat)])
+
+    def _answer_replay(self, model: Any, cache: Path, prompts: list[str]) -> None:
+        cfg = self.cfg
+        of_all = f"{len(prompts)} of the {len(replay_prompts())}" if len(prompts) < len(replay_prompts()) \
+            else f"all {len(prompts)}"
+        todo = missing(cache, prompts)
+        if not todo:
+            self.say(f"replay: base-model answers to {of_all} general prompts from {cache}")
+            return
+        t0 = time.time()
+        with unquantized_on_cpu(model, self.model_path, cfg.trust_remote_code) as answerer:
+            how = " (unquantized: 4-bit is slow on a CPU)" if answerer is not model else ""
+            self.say(f"replay: {of_all} general prompts (what {self.steps_wanted()} can train on); the base "
+                     f"model{how} answers the {len(todo)} not cached yet, up to {cfg.replay_max_new_tokens} "
+                     "tokens each")
+            answer_prompts(answerer, self.tokenizer, self.template, cache, todo, cfg.SYSTEM,
+                           cfg.replay_max_new_tokens, say=self.say, progress=self.options.progress)
+            del answerer  # the unquantized copy goes before training starts
+        self.say(f"replay: done in {time.time() - t0:.0f}s -> {cache}")
+
+    def steps_wanted(self) -> str:
+        return f"{self.cfg.max_steps} steps" if self.cfg.max_steps else "the whole run"
 
     def _loss(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         return loss_sum(model, batch, self.fast)
