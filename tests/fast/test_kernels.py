@@ -168,3 +168,42 @@ def test_dense_4bit_weights_dequantise_once_and_give_the_same_numbers(monkeypatc
     calls.clear()
     base_weight(w, torch.float32)  # outside the block: no cache kept
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_generating_inside_dense_4bit_weights_uses_one_merged_matmul_with_the_same_outputs(tiny_model_dir, four_bit):
+    """In the evaluation hook a LoRA layer runs as the merged model would (W + s B A, made once
+    per evaluation): the logits are those of the unmerged fused layers, and an update to the
+    adapter between two evaluations is seen by the second."""
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    from conftest import tiny_config
+
+    from tuneforge.fast.lora import dense_4bit_weights
+    from tuneforge.models.load import load_model
+    from tuneforge.models.lora import apply_lora
+
+    torch.manual_seed(0)
+    cfg = tiny_config(tiny_model_dir, "d.jsonl", method="qlora" if four_bit else "lora", lora_dropout=0.0)
+    model = apply_lora(load_model(tiny_model_dir, torch.device("cpu"), torch.float32, load_in_4bit=four_bit), cfg)
+    assert fuse_lora(model) > 0
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained adapter, not peft's zero init
+    model.eval()
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        with dense_4bit_weights():
+            merged = model(input_ids=ids).logits
+            again = model(input_ids=ids).logits  # from the cache
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, merged)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(2)
+        with dense_4bit_weights():
+            moved = model(input_ids=ids).logits
+        torch.testing.assert_close(moved, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(moved, merged, atol=1e-3)

@@ -15,8 +15,6 @@ from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overl
 from tuneforge.fast.lora import dense_4bit_weights
 from tuneforge.models.generate import Sampling, generate_batch
 
-GUARD_MAX_NEW_TOKENS = 64
-
 
 class NoLog:
     """The log of a rank other than 0: rank 0 writes for all."""
@@ -79,15 +77,11 @@ class Evaluation:
     def __call__(self, step: int) -> None:
         if not self.enabled:
             return
-        asked, most = self.cfg.evaluation_inputs, self.cfg.evaluation_max_new_tokens
+        asked = self.cfg.evaluation_inputs
         on_cpu = next(self.model.parameters()).device.type == "cpu"
         with dense_4bit_weights() if on_cpu else contextlib.nullcontext():
-            answers = evaluate(self.model, self.tokenizer, self.template, asked, self.cfg.SYSTEM, most) \
-                if asked else []
-            # the guard compares openings (a leaked identity shows in the first sentence), so its
-            # answers stop early: at XTuner's 600 tokens they were most of an evaluation's time
-            answers += evaluate(self.model, self.tokenizer, self.template, self.guard, self.cfg.SYSTEM,
-                                min(most, GUARD_MAX_NEW_TOKENS)) if self.guard else []
+            answers = evaluate(self.model, self.tokenizer, self.template, asked + self.guard,
+                               self.cfg.SYSTEM, self.cfg.evaluation_max_new_tokens)
         if asked:
             self.say(write_eval(self.path, step, answers[:len(asked)]))
         self.log.write({"step": step, "eval": answers})
