@@ -37,11 +37,12 @@ def test_replay_is_the_base_models_own_answers_and_is_keyed_by_model(tiny_model_
 
 def test_a_short_run_answers_only_the_prompts_it_can_train_on_and_a_longer_one_adds_the_rest(tmp_path):
     every = replay_prompts()
-    assert sorted(every) == sorted(GENERAL_EN + GENERAL_ZH)
-    few = prompts_for(0.1)
-    assert len(few) == 32 and few == every[:32]  # a first part of one fixed order
-    assert {p in GENERAL_ZH for p in few} == {True, False}  # which mixes both languages
-    assert prompts_for(1.0) == every and prompts_for(0.0) == every[:1]
+    assert every == GENERAL_EN + GENERAL_ZH
+    few, more = prompts_for(0.1), prompts_for(0.2)
+    assert len(few) == 32 and len(more) == 63 and set(few) < set(more)  # a longer run's share holds a shorter one's
+    assert {p in GENERAL_ZH for p in few} == {True, False}  # both languages
+    assert few == [p for p in every if p in set(few)]  # in the shipped order
+    assert prompts_for(1.0) == every and len(prompts_for(0.0)) == 1
 
     class Echo:  # a stand-in for generate_batch's model: answers each prompt with its length
         calls: list[list[str]] = []
@@ -58,13 +59,13 @@ def test_a_short_run_answers_only_the_prompts_it_can_train_on_and_a_longer_one_a
     try:
         cache = tmp_path / "answers.jsonl"
         answer_prompts(None, None, None, cache, few, progress=False)
-        later = replay.missing(cache, prompts_for(0.2))
-        assert later == every[32:63]  # only what the longer run adds
+        later = replay.missing(cache, more)
+        assert later == [p for p in more if p not in set(few)]  # only what the longer run adds
         answer_prompts(None, None, None, cache, later, progress=False)
     finally:
         replay.generate_batch = real
     assert Echo.calls == [few, later]
-    assert list(read_answers(cache)) == every[:63]
+    assert set(read_answers(cache)) == set(more)
 
 
 def test_training_with_replay_mixes_it_in(tiny_model_dir, identity_data, tmp_path, monkeypatch, capsys):
@@ -81,7 +82,7 @@ def test_training_with_replay_mixes_it_in(tiny_model_dir, identity_data, tmp_pat
     # 2 steps of 2x2 rows, of the identity data's ~200 rows: a few of the 314 prompts
     assert " of the 314 general prompts (what 2 steps can train on)" in said
     trained = [json.loads(x)["conversation"][0]["input"] for x in (tmp_path / "w" / "replay.jsonl").read_text().splitlines()]
-    assert 1 <= len(trained) < 20 and set(trained) <= set(replay_prompts()[:20])
+    assert 1 <= len(trained) < 20 and set(trained) <= set(prompts_for(20 / 314))
     log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log)  # the guard asked its questions
 

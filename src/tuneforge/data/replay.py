@@ -29,19 +29,20 @@ from tuneforge.models.resolve import cache_dir
 
 
 def replay_prompts() -> list[str]:
-    """The shipped general prompts the base model answers, in a fixed shuffled order: any first
-    part of it mixes English and Chinese requests of every kind."""
-    prompts = GENERAL_EN + GENERAL_ZH
-    order = random.Random(0).sample(range(len(prompts)), len(prompts))
-    return [prompts[i] for i in order]
+    """The shipped general prompts the base model answers."""
+    return GENERAL_EN + GENERAL_ZH
 
 
 def prompts_for(fraction: float) -> list[str]:
     """The prompts a run that trains FRACTION of its data needs: the run sees about that part of
-    the replay samples too, so answering more is work nobody trains on. All of them for a run of
-    whole epochs."""
+    the replay samples too, so answering more is work nobody trains on. Which ones: the first of
+    one fixed shuffled order (so any share mixes English and Chinese requests of every kind, and
+    a longer run's share contains a shorter one's), listed in the shipped order (so a whole-epoch
+    run trains the same file as before shares existed)."""
     prompts = replay_prompts()
-    return prompts[:max(1, min(len(prompts), math.ceil(fraction * len(prompts))))]
+    k = max(1, min(len(prompts), math.ceil(fraction * len(prompts))))
+    chosen = set(random.Random(0).sample(prompts, len(prompts))[:k])
+    return [p for p in prompts if p in chosen]
 
 
 def model_fingerprint(model_dir: Path) -> str:
