@@ -40,29 +40,25 @@ def dense_4bit_weights() -> Iterator[None]:
         _dense_cache = outer
 
 
-def base_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A base layer's weight W as a dense (out, in) tensor in DTYPE; 4-bit weights are dequantised."""
-    quant_state = getattr(w, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnbf
-
-        if _dense_cache is None:
-            return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
-        key = (id(w), dtype)
-        if key not in _dense_cache:
-            _dense_cache[key] = bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
-        return _dense_cache[key]
-    return w.to(dtype)
-
-
 def _dequantized(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W dense in DTYPE, not kept (the merged weight made from it is)."""
+    """W dense in DTYPE, made afresh (4-bit weights dequantised)."""
     quant_state = getattr(w, "quant_state", None)
     if quant_state is None:
         return w.to(dtype)
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
+
+
+def base_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A base layer's weight W as a dense (out, in) tensor in DTYPE; a 4-bit weight is
+    dequantised, once per ``dense_4bit_weights`` block."""
+    if getattr(w, "quant_state", None) is None or _dense_cache is None:
+        return _dequantized(w, dtype)
+    key = (id(w), dtype)
+    if key not in _dense_cache:
+        _dense_cache[key] = _dequantized(w, dtype)
+    return _dense_cache[key]
 
 
 class LoraLinearFunction(torch.autograd.Function):
