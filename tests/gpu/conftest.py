@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from gpu_support import VOCAB, word_tokenizer
+
+from gpu.gpu_support import VOCAB, word_tokenizer
 
 
 def pytest_collection_modifyitems(config, items):

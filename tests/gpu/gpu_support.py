@@ -25,9 +25,12 @@ def word_tokenizer():
                       "{% endif %}")
 
 
-def packed_rows(n: int, length: int, seed: int = 0, samples: int = 4):
-    """N packed rows of LENGTH tokens, each SAMPLES random samples of random lengths, every
-    token trained (as a pre-training row is)."""
+def packed_rows(n: int, length: int, seed: int = 0, samples: int = 4, alphabet: int = VOCAB - 5):
+    """N packed rows of LENGTH tokens, each SAMPLES samples of random lengths, every token trained
+    (as a pre-training row is). Tokens are drawn from ALPHABET ids: a small one is quickly
+    learnt (the loss falls towards log(ALPHABET)), the whole vocabulary is noise.
+"""
+
     from tuneforge.data.pack import Row
 
     g = torch.Generator().manual_seed(seed)
@@ -35,7 +38,7 @@ def packed_rows(n: int, length: int, seed: int = 0, samples: int = 4):
     for _ in range(n):
         cuts = sorted(torch.randperm(length - 1, generator=g)[:samples - 1].add(1).tolist())
         lengths = [b - a for a, b in zip([0, *cuts], [*cuts, length], strict=True)]
-        ids = torch.randint(5, VOCAB, (length,), generator=g).tolist()
+        ids = torch.randint(5, 5 + alphabet, (length,), generator=g).tolist()
         rows.append(Row(ids, list(ids), [i for n_ in lengths for i in range(n_)]))
     return rows
 
@@ -59,3 +62,19 @@ def set_up(model_dir: Path, work: Path, rows, compile: bool = True, **settings):
 
 def losses(recipe, steps: int) -> list[float]:
     return [recipe.step(i)[0] for i in range(steps)]
+
+
+def word_chats(path: Path, n: int = 200) -> Path:
+    """A chat data file in the word tokenizer's words: each answer is the question's words
+    shifted by one, which a LoRA learns within a few steps."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n):
+        q = [rng.randrange(5, 69) for _ in range(rng.randrange(4, 12))]
+        lines.append(json.dumps({"messages": [{"role": "user", "content": " ".join(f"w{i}" for i in q)},
+                                              {"role": "assistant", "content": " ".join(f"w{i + 1}" for i in q)}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -9,19 +9,21 @@ see by training with a learning rate that changes the loss by several tolerances
 
 from __future__ import annotations
 
+import gc
 import math
 import subprocess
 import sys
 
 import pytest
 import torch
-from gpu_support import losses, packed_rows, set_up
+
+from gpu.gpu_support import losses, packed_rows, set_up, word_chats
 
 BF16_STEP = 2.0 ** -8
 
 
 def test_compiled_layers_train_like_eager_ones(gpu_model_dir, tmp_path):
-    rows = packed_rows(6, 1024)
+    rows = packed_rows(2, 1024, alphabet=64) * 3
     compiled = set_up(gpu_model_dir, tmp_path / "c", rows, compile=True)
     assert compiled.fast.compiled_layers == 8, compiled.fast.describe()
     eager = set_up(gpu_model_dir, tmp_path / "e", rows, compile=False)
@@ -29,8 +31,8 @@ def test_compiled_layers_train_like_eager_ones(gpu_model_dir, tmp_path):
     got, want = losses(compiled, 6), losses(eager, 6)
     # the same weights, the same data: only the kernels' rounding differs
     tol = 4 * BF16_STEP * abs(want[0])
-    for g, w in zip(got, want, strict=True):
-        assert abs(g - w) <= tol, (got, want)
+    worst = max(abs(g - w) for g, w in zip(got, want, strict=True))
+    assert worst <= tol, f"compiled {got} eager {want}: differ by {worst:.4f} > {tol:.4f}"
     assert want[0] - want[-1] > 5 * tol, f"the run does not move the loss beyond the tolerance: {want}"
 
 
@@ -65,27 +67,36 @@ def test_varlen_attention_keeps_packed_samples_apart(gpu_model_dir):
     assert leak > 10 * err, "the check cannot tell apart samples that attend to each other"
 
 
-@pytest.mark.parametrize("budget", [None, 4.0])
-def test_the_memory_plan_predicts_the_peak_within_10_percent(gpu_model_dir, tmp_path, budget):
+def test_the_memory_plan_predicts_the_peak_within_10_percent(gpu_model_dir, tmp_path):
     """The plan's estimated peak against torch's measured one over the first optimizer steps
-    (the first step adds the moments), whole GPU (nothing recomputed) and a tight budget."""
+    (the first step adds the moments): on the whole GPU (nothing recomputed), then with a budget
+    that leaves room for about half the layers' activations (some recomputed)."""
     rows = packed_rows(3, 8192, seed=2, samples=8)
-    torch.cuda.empty_cache()
-    recipe = set_up(gpu_model_dir, tmp_path, rows, gradient_checkpointing="auto", memory_budget_gib=budget)
-    plan = recipe.fast.memory
-    assert plan is not None
-    if budget:
-        assert plan.recomputed > 0, plan.describe()
-    torch.cuda.reset_peak_memory_stats()
-    losses(recipe, 3)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    assert abs(plan.need_gib - peak) <= 0.10 * peak, f"{plan.describe()}; measured peak {peak:.2f} GiB"
-    if budget:
-        assert peak <= budget, f"over the {budget} GiB budget: {peak:.2f} GiB"
+
+    def measured(budget: float | None):
+        gc.collect()  # earlier tests' models: the peak counts everything allocated
+        torch.cuda.empty_cache()
+        recipe = set_up(gpu_model_dir, tmp_path / str(budget), rows, gradient_checkpointing="auto",
+                        memory_budget_gib=budget)
+        plan = recipe.fast.memory
+        torch.cuda.reset_peak_memory_stats()
+        losses(recipe, 3)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        del recipe
+        return plan, peak
+
+    whole, peak = measured(None)
+    assert whole.recomputed == 0, whole.describe()
+    assert abs(whole.need_gib - peak) <= 0.10 * peak, f"{whole.describe()}; measured peak {peak:.2f} GiB"
+    budget = (whole.fixed_gib + 0.5 * (whole.need_gib - whole.fixed_gib)) / 0.97
+    half, peak = measured(budget)
+    assert 0 < half.recomputed < half.layers, half.describe()
+    assert abs(half.need_gib - peak) <= 0.10 * peak, f"{half.describe()}; measured peak {peak:.2f} GiB"
+    assert peak <= budget, f"over the {budget:.2f} GiB budget: {peak:.2f} GiB"
 
 
 def test_adamw8bit_trains_with_8_bit_moments(gpu_model_dir, tmp_path):
-    rows = packed_rows(2, 512, seed=3) * 5  # the same two rows again: the loss must fall
+    rows = packed_rows(2, 512, seed=3, alphabet=64) * 5  # the same two rows again: the loss must fall
     eight = set_up(gpu_model_dir, tmp_path / "8", rows, optim_type="AdamW8bit", lr=5e-3)
     full = set_up(gpu_model_dir, tmp_path / "32", rows, lr=5e-3)
     got, want = losses(eight, 10), losses(full, 10)
@@ -100,7 +111,7 @@ def test_adamw8bit_trains_with_8_bit_moments(gpu_model_dir, tmp_path):
 def test_qlora_trains_on_4_bit_weights(gpu_model_dir, tmp_path):
     import bitsandbytes as bnb
 
-    rows = packed_rows(2, 512, seed=4) * 4
+    rows = packed_rows(2, 512, seed=4, alphabet=64) * 4
     recipe = set_up(gpu_model_dir, tmp_path, rows, method="qlora", lr=5e-3)
     four = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four) == 8 * 7, len(four)
@@ -112,10 +123,7 @@ def test_the_train_command_compiles_and_trains(gpu_model_dir, tmp_path):
     """`tuneforge train` itself on the GPU: the fast path's line, a falling loss, a checkpoint."""
     import json
 
-    from tuneforge.data.selfcog import write_self_cognition
-
-    data = tmp_path / "assistant.jsonl"
-    write_self_cognition(data, "龙", "Long")
+    data = word_chats(tmp_path / "chats.jsonl")
     cfg = tmp_path / "c.py"
     cfg.write_text(f"pretrained_model_name_or_path = {str(gpu_model_dir)!r}\ndata_files = {str(data)!r}\n"
                    "max_length = 512\nbatch_size = 1\nmax_steps = 12\nlr = 3e-3\nwarmup_ratio = 0.0\n"
@@ -138,11 +146,9 @@ def test_two_gpus_over_nccl_train_as_one(gpu_model_dir, tmp_path):
     import json
     import os
 
-    from tuneforge.data.selfcog import write_self_cognition
     from tuneforge.train.parallel import free_port
 
-    data = tmp_path / "assistant.jsonl"
-    write_self_cognition(data, "龙", "Long")
+    data = word_chats(tmp_path / "chats.jsonl")
 
     def run(name: str, env: dict, batch: int) -> list[float]:
         cfg = tmp_path / f"{name}.py"

@@ -27,6 +27,8 @@ class Plan:
     budget_gib: float
     need_gib: float  # the estimated peak with this plan
     offload: bool = False  # recomputed layers keep their input in CPU memory, not on the GPU
+    fixed_gib: float = 0.0  # the part of the peak no plan changes (weights, optimizer state)
+    margin_gib: float = 0.0  # kept free of the budget for what no estimate sees (fragmentation)
 
     def describe(self) -> str:
         kind = "off" if self.recomputed == 0 else "full" if self.recomputed == self.layers else "selective"
@@ -105,26 +107,36 @@ def bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
 
 
 def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: int,
-         fixed_bytes: int, budget_bytes: int) -> Plan:
-    """The fewest recomputed layers whose estimated peak fits BUDGET_BYTES; if even recomputing
-    every layer does not fit, their inputs go to CPU memory as well.
+         fixed_bytes: int, budget_bytes: int, margin_bytes: int = 0, head_bytes: int = 0) -> Plan:
+    """The fewest recomputed layers whose estimated peak, plus MARGIN_BYTES, fits BUDGET_BYTES;
+    if even recomputing every layer does not fit, their inputs go to CPU memory as well. The
+    plan's ``need_gib`` is the estimate itself, without the margin, so that it can be checked
+    against the peak measured.
 
-    FIXED_BYTES: what is allocated whatever the plan (weights, adapter, optimizer state, one
-    chunk of logits). A recomputed layer keeps its input (``2 * hidden`` bytes a token); the
-    backward of a recomputed layer briefly holds one whole layer's tensors on top.
+    FIXED_BYTES: what is allocated whatever the plan (weights, adapter, optimizer state).
+    A recomputed layer keeps its input (``2 * hidden`` bytes a token), a kept one every tensor
+    its backward needs. The peak is the larger of two moments: the head's backward, which comes
+    first, with every layer's saved tensors and HEAD_BYTES (a chunk of logits) on top; and the
+    backward of a recomputed layer, which holds one whole layer's tensors, by when the kept
+    layers (the last ones, whose backward runs first) have freed theirs and the head is done.
     """
     keep_all = saved_per_token_layer * tokens
     ckpt = 2 * hidden_size * tokens
 
     def need(recomputed: int, offload: bool = False) -> int:
-        return fixed_bytes + (n_layers - recomputed) * keep_all \
-            + (0 if offload else recomputed * ckpt) + (keep_all if recomputed else 0)
+        inputs = 0 if offload else recomputed * ckpt
+        at_head = (n_layers - recomputed) * keep_all + inputs + head_bytes
+        in_recomputed = inputs + keep_all if recomputed else 0
+        return fixed_bytes + max(at_head, in_recomputed)
+
+    def made(recomputed: int, offload: bool = False) -> Plan:
+        return Plan(n_layers, recomputed, saved_per_token_layer, budget_bytes / GIB,
+                    need(recomputed, offload) / GIB, offload, fixed_bytes / GIB, margin_bytes / GIB)
 
     for recomputed in range(0, n_layers + 1):
-        if need(recomputed) <= budget_bytes:
-            return Plan(n_layers, recomputed, saved_per_token_layer, budget_bytes / GIB, need(recomputed) / GIB)
-    return Plan(n_layers, n_layers, saved_per_token_layer, budget_bytes / GIB,
-                need(n_layers, offload=True) / GIB, offload=True)
+        if need(recomputed) + margin_bytes <= budget_bytes:
+            return made(recomputed)
+    return made(n_layers, offload=True)
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
