@@ -43,13 +43,13 @@ def asked(monkeypatch) -> Asked:
 def test_piped_lines_are_answered_one_by_one(tiny_model_dir, asked):
     out = io.StringIO()
     run_chat(str(tiny_model_dir), sampling=Sampling(max_new_tokens=3),
-             stdin=Piped("hello\n\nRESET\nwho are you?\nEXIT\nnever asked\n"), stdout=out)
+             stdin=Piped("hello\n\nRESET\nwho are you?\nand you?\nEXIT\nnever asked\n"), stdout=out)
     text = out.getvalue()
-    assert text.count(">>> User:") == 2 and text.count(">>> Assistant:") == 2
+    assert text.count(">>> User:") == 3 and text.count(">>> Assistant:") == 3
     assert "who are you?" in text and "never asked" not in text and "[history cleared]" in text
     # each line is a question of its own: no earlier line or answer goes with it; the blank line,
     # RESET and EXIT are not questions, and nothing after EXIT is asked
-    assert asked == [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "who are you?"}]]
+    assert asked == [[{"role": "user", "content": q}] for q in ("hello", "who are you?", "and you?")]
 
 
 def test_streamed_text_equals_the_reply(bundled_path, tokenizer):
