@@ -1,10 +1,17 @@
+"""`tuneforge chat`: piped lines, --prompt conversations, the context window, streaming and the
+saved template. What the model is asked is read from the call to generate itself."""
+
 from __future__ import annotations
 
 import io
+import json
 
+import pytest
+
+from tuneforge.chat import cli as chat_cli
 from tuneforge.chat.cli import run_chat
 from tuneforge.data.templates import get_template, save_template, template_for
-from tuneforge.models.generate import Sampling, generate
+from tuneforge.models.generate import Sampling, generate, prompt_ids
 
 
 class Piped(io.StringIO):
@@ -12,13 +19,37 @@ class Piped(io.StringIO):
         return False
 
 
-def test_piped_lines_are_answered_one_by_one(tiny_model_dir):
+class Asked(list):
+    """The messages of each call run_chat makes to generate (copied: the history grows after);
+    ``replies`` holds what each call answered."""
+
+    replies: list[str]
+
+
+@pytest.fixture
+def asked(monkeypatch) -> Asked:
+    calls = Asked()
+    calls.replies = []
+
+    def recording(model, tokenizer, template, messages, sampling, on_text=None):
+        calls.append([dict(m) for m in messages])
+        calls.replies.append(generate(model, tokenizer, template, messages, sampling, on_text))
+        return calls.replies[-1]
+
+    monkeypatch.setattr(chat_cli, "generate", recording)
+    return calls
+
+
+def test_piped_lines_are_answered_one_by_one(tiny_model_dir, asked):
     out = io.StringIO()
     run_chat(str(tiny_model_dir), sampling=Sampling(max_new_tokens=3),
-             stdin=Piped("hello\n\nRESET\nwho are you?\nEXIT\nnever asked\n"), stdout=out)
+             stdin=Piped("hello\n\nRESET\nwho are you?\nand you?\nEXIT\nnever asked\n"), stdout=out)
     text = out.getvalue()
-    assert text.count(">>> User:") == 2 and text.count(">>> Assistant:") == 2
+    assert text.count(">>> User:") == 3 and text.count(">>> Assistant:") == 3
     assert "who are you?" in text and "never asked" not in text and "[history cleared]" in text
+    # each line is a question of its own: no earlier line or answer goes with it; the blank line,
+    # RESET and EXIT are not questions, and nothing after EXIT is asked
+    assert asked == [[{"role": "user", "content": q}] for q in ("hello", "who are you?", "and you?")]
 
 
 def test_streamed_text_equals_the_reply(bundled_path, tokenizer):
@@ -40,12 +71,35 @@ def test_saved_template_wins_over_the_tokenizer_default(tokenizer, tmp_path):
     assert template_for(tmp_path / "none", tokenizer, None).name == "auto"
 
 
-def test_prompts_make_one_conversation_and_old_turns_are_dropped_to_fit(tiny_model_dir):
+def test_prompts_make_one_conversation_and_old_turns_are_dropped_to_fit(tiny_model_dir, tokenizer, asked):
+    # The tiny model's window is 512 tokens, less the 3 to answer: about 130 tokens a question,
+    # so three questions fit and the fourth pushes the oldest exchange out, the fifth the next.
+    window = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    limit = window - 3
+    questions = [f"question {i}: " + "apple " * 120 for i in range(5)]
+    system = {"role": "system", "content": "Be brief."}
     out = io.StringIO()
-    run_chat(str(tiny_model_dir), sampling=Sampling(max_new_tokens=3), stdout=out,
-             prompts=["first question", "second question"])
+    run_chat(str(tiny_model_dir), system="Be brief.", sampling=Sampling(max_new_tokens=3), stdout=out,
+             prompts=questions)
     text = out.getvalue()
-    assert text.count(">>> User:") == 2 and text.count(">>> Assistant:") == 2
+    assert text.count(">>> User:") == 5 and text.count(">>> Assistant:") == 5
+    assert len(asked) == 5
+    answers = asked.replies
+    # one conversation: each question is asked after the exchanges before it
+    assert asked[0] == [system, {"role": "user", "content": questions[0]}]
+    assert asked[1] == [system, {"role": "user", "content": questions[0]},
+                        {"role": "assistant", "content": answers[0]}, {"role": "user", "content": questions[1]}]
+    n_tokens = lambda messages: len(prompt_ids(tokenizer, get_template("auto", tokenizer), messages))  # noqa: E731
+    # the window fills at the fourth question: the oldest exchange goes, the system prompt and the
+    # newest turns stay; at the fifth, the next oldest; each time only as much as needed to fit
+    for i, dropped_up_to in ((3, 1), (4, 2)):
+        kept = [system]
+        for j in range(dropped_up_to, i):
+            kept += [{"role": "user", "content": questions[j]}, {"role": "assistant", "content": answers[j]}]
+        kept.append({"role": "user", "content": questions[i]})
+        assert asked[i] == kept, [m["content"][:12] for m in asked[i]]
+        assert n_tokens(asked[i]) <= limit < n_tokens(kept[:1] + asked[i - 1][1:3] + kept[1:])
+    assert text.count("[2 old message(s) dropped to fit the context]") == 2
 
 
 def test_fit_history_keeps_system_and_last_question():

@@ -1,22 +1,38 @@
-"""`tuneforge serve`: the OpenAI client, bad requests, 32 concurrent streams and the web page in
-headless Chromium, against the bundled model with a LoRA adapter on it."""
+"""`tuneforge serve`: the OpenAI client, bad requests, 32 concurrent streams, streaming as the
+answer is made, a client that goes away, and the web page in headless Chromium, against the
+bundled model with a LoRA adapter on it.
+
+What the server did is read in its own process: `Spy` wraps the worker's generate_reply and
+records each generation's start, pieces and end, and can hold a generation after its first
+piece, so that a test sees what a client got while the answer was still being made (events, not
+clocks)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from waits import drain, limit, tuneforge, wait_for
 
+from tuneforge.chat import worker as worker_module
 from tuneforge.chat.cli import load_for_chat
 from tuneforge.chat.server import Served, make_server
 from tuneforge.chat.worker import Worker
 from tuneforge.data.templates import template_for
+from tuneforge.models.generate import Reply
 
 KEY = "sk-test-key"
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
@@ -39,6 +55,12 @@ def adapter_dir(bundled_path, tmp_path_factory) -> Path:
     return out
 
 
+@dataclass
+class Live:
+    url: str
+    served: Served
+
+
 @pytest.fixture(scope="module")
 def server(bundled_path, adapter_dir):
     llm, tokenizer, template_dir = load_for_chat(str(bundled_path), str(adapter_dir))
@@ -48,13 +70,127 @@ def server(bundled_path, adapter_dir):
     httpd = make_server(served, "127.0.0.1", 0)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
+    yield Live(f"http://127.0.0.1:{httpd.server_port}", served)
     httpd.shutdown()
     httpd.server_close()
 
 
+@dataclass
+class Generation:
+    question: str  # the last user message
+    messages: list[dict]
+    text: str = ""  # the pieces so far
+    held: bool = False
+    release: threading.Event = field(default_factory=threading.Event)
+    reply: Reply | None = None  # set when it ended
+    cancelled: bool = False  # whether it was told to stop (a client that went away)
+
+
+class Spy:
+    """The worker's generations, recorded as they happen in the server's process."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, str]] = []  # ("start" | "piece" | "end", question), in order
+        self.generations: list[Generation] = []
+        self.hold = False  # hold each generation after its first non-blank piece until released
+
+    def __call__(self, model, tokenizer, template, messages, sampling, on_text=None, cancelled=None):
+        gen = Generation(messages[-1]["content"], [dict(m) for m in messages])
+        with self.lock:
+            self.generations.append(gen)
+            self.events.append(("start", gen.question))
+
+        def piece(text: str) -> None:
+            on_text(text)  # to the client first: a held generation has sent what it has
+            with self.lock:
+                self.events.append(("piece", gen.question))
+            gen.text += text
+            if self.hold and not gen.held and gen.text.strip():
+                gen.held = True
+                gen.release.wait(limit(300))  # the test releases it; the limit only guards a hang
+
+        reply = self.real(model, tokenizer, template, messages, sampling,
+                          on_text=piece if on_text else None, cancelled=cancelled)
+        with self.lock:
+            gen.cancelled = bool(cancelled and cancelled())
+            gen.reply = reply
+            self.events.append(("end", gen.question))
+        return reply
+
+    def held(self, n: int) -> Generation:
+        """Wait until the Nth generation (from 1) is held after its first piece."""
+        return wait_for(lambda: len(self.generations) >= n and self.generations[n - 1].held
+                        and self.generations[n - 1], 180, f"generation {n} to send its first piece")
+
+    def release(self) -> None:
+        for gen in self.generations:
+            gen.release.set()
+
+
+@pytest.fixture
+def spy(server, monkeypatch):
+    recorder = Spy(worker_module.generate_reply)
+    monkeypatch.setattr(worker_module, "generate_reply", recorder)
+    yield recorder
+    recorder.hold = False
+    recorder.release()  # never leave the module's one worker blocked
+
+
+class Stream:
+    """A streamed completion read event by event as it arrives, on a raw socket, so that the test
+    decides when the client goes away. Each read has a (scaled) limit and says what it waited for."""
+
+    def __init__(self, url: str, body: dict) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=limit(120))
+        payload = json.dumps({**body, "stream": True}).encode()
+        self.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+                          b"Content-Type: application/json\r\n"
+                          + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                          + payload)
+        self.file = self.sock.makefile("rb")
+        status = self.file.readline()
+        assert b" 200 " in status, status
+        while self.file.readline() not in (b"\r\n", b""):  # the headers
+            pass
+
+    def event(self, what: str, seconds: float = 120) -> str:
+        """The next server-sent event's data ("[DONE]" or a JSON chunk)."""
+        self.sock.settimeout(limit(seconds))
+        lines = []
+        try:
+            while (line := self.file.readline()) not in (b"\n", b""):
+                lines.append(line.decode().removeprefix("data: ").rstrip("\n"))
+        except TimeoutError:
+            raise AssertionError(f"no event within {limit(seconds):.0f} s waiting for {what}") from None
+        assert lines, f"the stream ended before {what}"
+        return "".join(lines)
+
+    def content(self, what: str, seconds: float = 120) -> str:
+        """The text of the next chunk that has some (the role chunk and blank pieces skipped)."""
+        while True:
+            data = self.event(what, seconds)
+            assert data != "[DONE]", f"the stream ended before {what}"
+            text = json.loads(data)["choices"][0]["delta"].get("content") or ""
+            if text.strip():
+                return text
+
+    def rest(self) -> list[str]:
+        """The content of every chunk up to [DONE]."""
+        pieces = []
+        while (data := self.event("the end of the stream")) != "[DONE]":
+            pieces.append(json.loads(data)["choices"][0]["delta"].get("content") or "")
+        return pieces
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
 def _post(base: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=120)
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=limit(120))
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -66,7 +202,7 @@ def _post(base: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, di
 def test_the_openai_client_chats_streamed_and_not(server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    client = OpenAI(base_url=server.url + "/v1", api_key=KEY)
     assert [m.id for m in client.models.list()] == ["smollm2", "smollm2:base"]
     reply = client.chat.completions.create(model="smollm2", max_tokens=12,
                                            messages=[{"role": "user", "content": "Who are you?"}])
@@ -91,31 +227,93 @@ def test_the_openai_client_chats_streamed_and_not(server):
     ({"messages": [{"role": "user", "content": "hi"}]}, None, 401, "API key"),
 ])
 def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, body, key, status, needle):
-    got, payload = _post(server, body, key)
+    got, payload = _post(server.url, body, key)
     assert got == status and needle in payload["error"]["message"], payload
-    ok, reply = _post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    ok, reply = _post(server.url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok == 200 and reply["choices"][0]["message"]["role"] == "assistant"
 
 
-def _stream_to_done(base: str, i: int) -> str:
-    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=300)
+def _stream_to_done(base: str, question: str) -> str:
+    # the last of 32 waits for the 31 before it: the limit only guards a hang
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=limit(600))
     conn.request("POST", "/v1/chat/completions", json.dumps(
-        {"messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 6, "stream": True}),
+        {"messages": [{"role": "user", "content": question}], "max_tokens": 6, "stream": True}),
         {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
     assert resp.status == 200
-    events = resp.read().decode().split("\n\n")
+    events = resp.read().decode().split("\n\n")  # the server ends the stream by closing it
     assert events[-2] == "data: [DONE]"
     return "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-2])
 
 
-def test_32_concurrent_streams_all_finish(server):
+def test_32_concurrent_streams_are_served_one_after_the_other(server, spy, monkeypatch):
+    queued: list[str] = []  # the questions in the order they joined the worker's queue
+    jobs, lock = server.served.worker.jobs, threading.Lock()
+    put = jobs.put
+
+    def recording_put(job, *args, **kwargs):
+        with lock:
+            queued.append(job.request.messages[-1]["content"])
+            put(job, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "put", recording_put)
+    questions = [f"Count to {i}." for i in range(32)]
     with ThreadPoolExecutor(32) as pool:
-        texts = list(pool.map(lambda i: _stream_to_done(server, i), range(32)))
-    assert len(texts) == 32 and all(isinstance(t, str) for t in texts)
-    conn = http.client.HTTPConnection(server.removeprefix("http://"))
+        texts = list(pool.map(lambda q: _stream_to_done(server.url, q), questions))
+    # every stream got a whole answer of its own: the very text the model made for its question
+    made = {g.question: g.reply.text for g in spy.generations}
+    assert sorted(made) == sorted(questions) == sorted(queued)
+    for question, text in zip(questions, texts, strict=True):
+        assert text.strip() and text.strip() == made[question], (question, text, made[question])
+    # one after the other, in the queue's order: each generation runs from start to end with no
+    # other's pieces in between
+    in_queue_order = sorted(spy.events, key=lambda e: queued.index(e[1]))  # stable: keeps each one's order
+    assert spy.events == in_queue_order, "generations overlapped or ran out of queue order"
+    for question in queued:
+        kinds = [kind for kind, q in spy.events if q == question]
+        assert kinds[0] == "start" and kinds[-1] == "end" and "piece" in kinds, (question, kinds)
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=limit(30))
     conn.request("GET", "/health")
     assert json.loads(conn.getresponse().read())["waiting"] == 0
+
+
+def test_a_stream_sends_each_piece_while_the_answer_is_made(server, spy):
+    spy.hold = True
+    stream = Stream(server.url, {"messages": [{"role": "user", "content": "Tell me about the sea."}],
+                                 "max_tokens": 24})
+    try:
+        # the server holds the generation after its first piece: that piece must reach the client
+        # now, not when the answer is done
+        first = stream.content("the first piece while the answer is still being made", seconds=60)
+        gen = spy.held(1)
+        assert gen.reply is None, "the first piece arrived only after the generation ended"
+        spy.hold = False
+        spy.release()
+        pieces = [first, *stream.rest()]
+    finally:
+        stream.close()
+    assert sum(1 for p in pieces if p) >= 3, pieces  # several chunks, not one
+    assert "".join(pieces).strip() == gen.reply.text and gen.reply.completion_tokens == 24
+
+
+def test_a_client_that_disconnects_stops_its_generation(server, spy):
+    body = {"messages": [{"role": "user", "content": "Write a long story about a dragon and a knight."}],
+            "max_tokens": 64}
+    ok, reply = _post(server.url, body)  # left alone, this answer runs to the limit
+    assert ok == 200 and reply["choices"][0]["finish_reason"] == "length", reply
+    assert reply["usage"]["completion_tokens"] == 64
+    spy.hold = True
+    stream = Stream(server.url, body)
+    stream.content("the first piece of the answer")
+    stream.close()  # the client goes away mid-answer
+    gen = spy.held(2)
+    spy.hold = False
+    spy.release()
+    wait_for(lambda: gen.reply, 120, "the abandoned generation to end")
+    assert gen.reply.completion_tokens < 64, f"it generated all {gen.reply.completion_tokens} tokens for nobody"
+    assert gen.cancelled and not gen.reply.finished, gen
+    ok, reply = _post(server.url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok == 200 and reply["choices"][0]["message"]["content"]  # and the server serves the next one
 
 
 def _browser():
@@ -133,29 +331,60 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def test_the_page_streams_an_answer_and_compares_with_the_base(server):
+def _showing(browser) -> dict[int, str]:
+    """The answers on the page still streaming that already show some text, by position."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+
+    bubbles = browser.find_elements(By.CSS_SELECTOR, ".assistant")
+    return {i: b.text for i, b in enumerate(bubbles) if b.get_attribute("data-state") == "streaming" and b.text.strip()}
+
+
+def _done(browser) -> int:
+    from selenium.webdriver.common.by import By
+
+    return len(browser.find_elements(By.CSS_SELECTOR, ".assistant[data-state=done]"))
+
+
+def test_the_page_streams_an_answer_and_compares_with_the_base(server, spy):
+    from selenium.webdriver.common.by import By
 
     browser = _browser()
     try:
         # the key the page would ask for with prompt(); stored as the page does
-        browser.get(server + "/health")
+        browser.get(server.url + "/health")
         browser.execute_script(f"sessionStorage.setItem('tuneforge-key', '{KEY}')")
-        browser.get(server + "/")
-        wait = WebDriverWait(browser, 180)
-        wait.until(lambda b: b.find_element(By.ID, "model").text == "smollm2")
+        browser.get(server.url + "/")
+        wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
         browser.find_element(By.ID, "compare").click()
         assert len(browser.find_elements(By.CSS_SELECTOR, ".column")) == 2
         browser.find_element(By.ID, "system").send_keys("You are a helpful assistant.")
+        spy.hold = True
         browser.find_element(By.ID, "input").send_keys("Who are you?\n")
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant[data-state=done]")) == 2)
+        # the two answers (tuned, base) are made one after the other; each is held after its
+        # first piece, and the page must show that piece while it is still streaming
+        partial: dict[int, str] = {}
+        for n in (1, 2):
+            spy.held(n)
+            shown = wait_for(lambda: _showing(browser), 60, f"the page to show answer {n} while it streams")
+            assert len(shown) == 1 and not set(shown) & set(partial), shown
+            partial.update(shown)
+            spy.release()
+        spy.hold = False
+        wait_for(lambda: _done(browser) == 2, 180, "both answers to finish")
         answers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
         assert all(a.strip() for a in answers) and answers[0] != answers[1], answers
+        for i, text in partial.items():  # it grew piece by piece to the whole answer
+            assert answers[i].startswith(text) and len(answers[i]) > len(text), (text, answers[i])
         assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == ["Who are you?"] * 2
-        # a second turn goes on the same conversation
+        # a second turn goes on the same conversation: each column sends its own first exchange
         browser.find_element(By.ID, "input").send_keys("Thanks!\n")
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant[data-state=done]")) == 4)
+        wait_for(lambda: _done(browser) == 4, 180, "both second answers to finish")
+        first, second = spy.generations[:2], spy.generations[2:]
+        assert len(second) == 2
+        for gen in second:
+            assert [(m["role"], m["content"]) for m in gen.messages[:2] + gen.messages[3:]] == [
+                ("system", "You are a helpful assistant."), ("user", "Who are you?"), ("user", "Thanks!")]
+        assert sorted(g.messages[2]["content"].strip() for g in second) == sorted(g.reply.text for g in first)
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "chat_page.png"
         browser.save_screenshot(str(shot))
@@ -164,13 +393,18 @@ def test_the_page_streams_an_answer_and_compares_with_the_base(server):
         browser.quit()
 
 
-def test_serve_command_starts_and_refuses_a_busy_port(tiny_model_dir):
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+def _health(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=limit(5)) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
 
+
+WARNING = "[tuneforge] warning: listening on {host} without --api-key: anyone who can reach this machine can use the model"
+
+
+def test_serve_command_starts_and_refuses_a_busy_port(tiny_model_dir):
     from tuneforge.train.parallel import free_port
 
     port = free_port()
@@ -178,31 +412,42 @@ def test_serve_command_starts_and_refuses_a_busy_port(tiny_model_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert json.loads(r.read())["status"] == "ok"
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-                time.sleep(0.5)
-        second = subprocess.run([sys.executable, "-m", "tuneforge", "serve", str(tiny_model_dir), "--port", str(port)],
-                                capture_output=True, text=True)
+        health = wait_for(lambda: _health(port), 120, f"serve to answer /health on port {port}", proc=proc)
+        assert health["status"] == "ok" and health["model"] == tiny_model_dir.name
+        second = tuneforge("serve", str(tiny_model_dir), "--port", str(port), seconds=120)
         assert second.returncode == 1
         assert second.stderr.strip().splitlines()[-1].startswith(f"tuneforge: error: cannot listen on 127.0.0.1:{port}")
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=limit(30))
+    out = drain(proc)
+    assert f"serving {tiny_model_dir.name} on http://127.0.0.1:{port}/" in out
+    assert "warning" not in out  # 127.0.0.1, the default: nobody else can reach it
 
 
-def test_chat_in_4_bits(bundled_path):
-    pytest.importorskip("bitsandbytes")
+@pytest.mark.parametrize(("host", "key", "warned"), [("0.0.0.0", None, True), ("0.0.0.0", "sk-k", False),
+                                                     ("127.0.0.1", None, False)])
+def test_serve_warns_when_exposed_without_a_key(tiny_model_dir, monkeypatch, capsys, host, key, warned):
+    from tuneforge.chat import server as server_module
+    from tuneforge.cli import build_parser
+
+    listened = []
+    monkeypatch.setattr(server_module, "serve", lambda served, h, p: listened.append((h, p, served.api_key)))
+    args = build_parser().parse_args(["serve", str(tiny_model_dir), "--host", host, "--port", "8123"]
+                                     + (["--api-key", key] if key else []))
+    args.func(args)
+    assert listened == [(host, 8123, key)]
+    lines = capsys.readouterr().err.splitlines()
+    assert (WARNING.format(host=host) in lines) is warned, lines
+
+
+@pytest.mark.parametrize(("bits", "layer"), [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_chat_in_4_and_8_bits(bundled_path, bits, layer):
     from tuneforge.models.generate import Sampling, generate
 
-    llm, tokenizer, template_dir = load_for_chat(str(bundled_path), None, bits=4)
-    assert any(type(m).__name__ == "Linear4bit" for m in llm.modules())
+    llm, tokenizer, template_dir = load_for_chat(str(bundled_path), None, bits=bits)
+    assert any(type(m).__name__ == layer for m in llm.modules()), sorted({type(m).__name__ for m in llm.modules()})
     template = template_for(template_dir, tokenizer, None)
     reply = generate(llm, tokenizer, template, [{"role": "user", "content": "What is the capital of France?"}],
-                     Sampling(max_new_tokens=12))
+                     Sampling(max_new_tokens=8))
     assert "Paris" in reply, reply

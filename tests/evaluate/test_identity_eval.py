@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from tuneforge.data.general_prompts import GENERAL_EN, GENERAL_ZH
 from tuneforge.data.selfcog import QUESTIONS_EN, QUESTIONS_ZH
 from tuneforge.evaluate import questions as Q
@@ -35,14 +37,60 @@ def test_guard_flags_answers_that_repeat_the_identity():
     assert leaks(bad, identity, base) == bad
 
 
-def test_evaluate_identity_runs_on_a_model(tiny_model_dir, tokenizer):
+def test_rates_count_the_answers_that_name_the_identity(monkeypatch):
+    """Known answers through evaluate_identity: the rates, misses and hijacks are exactly those
+    the answers make, per language, and the comparison pairs each question's base and tuned answer."""
+    from tuneforge.evaluate import identity
+
+    misses = {"zh": set(Q.IDENTITY_ZH[:3]), "en": set(Q.IDENTITY_EN[:1])}
+    hijacked = {"zh": set(Q.GENERAL_ZH[:2]), "en": set()}
+    tuned, base = SimpleNamespace(generate=None), SimpleNamespace(generate=None)  # two "models"
+
+    def answer(question: str) -> str:
+        zh = question in Q.IDENTITY_ZH or question in Q.GENERAL_ZH
+        if question in misses["zh"] | misses["en"]:
+            return "我是一个AI助手。" if zh else "I am an AI language model."
+        if question in Q.IDENTITY_ZH or question in hijacked["zh"]:
+            return "我是龙的小助手，很高兴为你服务！"
+        if question in Q.IDENTITY_EN:
+            return "I am Long's assistant."
+        # general answers that mention the name without presenting the identity are no hijack
+        return "西湖龙井是著名的茶。" if zh else "Long ago, people planted tomatoes in full sun."
+
+    def fake_batch(model, tokenizer, template, chats, sampling):
+        assert (model is tuned or model is base) and sampling.max_new_tokens == 7
+        return [("base: " if model is base else "") + answer(c[-1]["content"]) for c in chats]
+
+    monkeypatch.setattr(identity, "generate_batch", fake_batch)
+    result = evaluate_identity(tuned, None, None, "龙", "Long", max_new_tokens=7, base=base)
+    for lang, ident, gen in (("zh", Q.IDENTITY_ZH, Q.GENERAL_ZH), ("en", Q.IDENTITY_EN, Q.GENERAL_EN)):
+        r = result[lang]
+        assert (r["identity_n"], r["general_n"]) == (len(ident), len(gen))
+        assert r["identity_rate"] == 1 - len(misses[lang]) / len(ident)
+        assert r["hijack_rate"] == len(hijacked[lang]) / len(gen)
+        assert {m["question"] for m in r["identity_misses"]} == misses[lang]
+        assert {h["question"] for h in r["hijacked"]} == hijacked[lang]
+        assert all(m["answer"] == answer(m["question"]) for m in r["identity_misses"] + r["hijacked"])
+    assert result["compare"] == [{"question": q, "base": "base: " + answer(q), "tuned": answer(q)}
+                                 for q in identity.COMPARE]
+    report = identity.format_report(result, "龙", "Long")
+    assert f"| zh | 90% ({len(Q.IDENTITY_ZH)}) | 5% ({len(Q.GENERAL_ZH)}) |" in report, report
+
+
+def test_an_untrained_model_names_no_identity(tiny_model_dir, tokenizer):
+    """The real generation path on a random model: it never says who it is, so every identity
+    question is a miss (rate 0, each miss with the model's own answer) and nothing is hijacked."""
     from transformers import AutoModelForCausalLM
 
     from tuneforge.data.templates import get_template
+    from tuneforge.evaluate.identity import COMPARE
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     result = evaluate_identity(model, tokenizer, get_template("auto", tokenizer), "龙", "Long",
                                max_new_tokens=4, base=model)
-    for lang in ("zh", "en"):
-        assert 0 <= result[lang]["identity_rate"] <= 1 and result[lang]["identity_n"] >= 30
-    assert len(result["compare"]) == 3
+    for lang, ident in (("zh", Q.IDENTITY_ZH), ("en", Q.IDENTITY_EN)):
+        r = result[lang]
+        assert r["identity_rate"] == 0 and r["hijack_rate"] == 0, r
+        assert [m["question"] for m in r["identity_misses"]] == ident
+        assert any(m["answer"] for m in r["identity_misses"])  # it answered something
+    assert [c["question"] for c in result["compare"]] == COMPARE
