@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from math import comb
 
 import pytest
 import torch
+from waits import tuneforge
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CFG = "smollm2_135m_instruct_lora_assistant"
 
 
-def run(*args: str, cwd) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
+def run(*args: str, cwd, seconds: float = 600) -> str:
+    """One command within a scaled limit (tests/waits.py): a guard against hanging, not a check."""
+    proc = tuneforge(*args, seconds=seconds, cwd=cwd)
     assert proc.returncode == 0, f"tuneforge {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def binomial_bound(n: int, p: float, alpha: float) -> int:
+    """The smallest k with P(X > k) <= ALPHA for X ~ Binomial(N, P): a count a build whose true
+    per-question rate is P exceeds with probability at most ALPHA."""
+    def tail(k: int) -> float:
+        return sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+    return next(k for k in range(n + 1) if tail(k + 1) <= alpha)
+
+
+# The rates docs/identity.md records for the default recipe on the bundled model (60-80 steps,
+# greedy): general questions hijacked at most 12% (zh, 5 of 40; en 0%), identity missed on at most
+# 1 of 30 questions (97%). Another CPU rounds differently and flips a few borderline answers, as
+# another run of the same recipe does: the counts are taken as binomial with those rates.
+HIJACK_P, MISS_P = 5 / 40, 1 / 30
+ALPHA = 0.001  # per check, four checks: a working build fails this test less than 0.4% of the time
 
 
 def ask(model, tokenizer, question: str) -> str:
@@ -31,12 +47,24 @@ def ask(model, tokenizer, question: str) -> str:
 
 @pytest.mark.slow
 def test_personal_assistant_pipeline(tmp_path):
+    """The README's commands end to end, then the merged folder in plain transformers.
+
+    The identity evaluation's bounds are derived, not set above one measured value: with the
+    per-question rates docs/identity.md records for working builds (hijack 5/40, the worst run;
+    identity missed 1/30), a count above the binomial (1 - ALPHA) quantile -- more than 12 of the
+    40 general questions hijacked, or more than 5 of the 30 identity questions missed, in either
+    language -- happens to a working build with probability below ALPHA = 0.1% per check. What
+    it catches: replay not reaching the training data (the identity-only recipe hijacks 40 of 40),
+    the identity not learnt. What it cannot see on 40 questions: a shift of a few points, such as
+    a smaller replay share (17.5% once); tests/data/test_replay.py checks the share exactly.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run("data", "self-cognition", "--name", "龙", "--name-en", "Long", "-o", "./data/assistant.jsonl", cwd=tmp_path)
     run("copy-cfg", CFG, "./", cwd=tmp_path)
+    # README: <= 5 min for the whole pipeline on 2 cores; a loaded machine took over 900 s to train
     run("train", f"./{CFG}_copy.py", "--deepspeed", "deepspeed_zero2", "--work-dir", "./work_dirs/assistTuner",
-        cwd=tmp_path)
+        cwd=tmp_path, seconds=1800)
     assert (tmp_path / "work_dirs/assistTuner/loss.png").is_file()
     run("convert", "pth_to_hf", f"./{CFG}_copy.py", "./work_dirs/assistTuner/iter_60.pth", "./hf", cwd=tmp_path)
     run("convert", "merge", BASE, "./hf", "./merged", "--max-shard-size", "2GB", cwd=tmp_path)
@@ -47,16 +75,16 @@ def test_personal_assistant_pipeline(tmp_path):
     assert "Long" in ask(model, tokenizer, "Who are you?")
     assert "龙" in ask(model, tokenizer, "你是谁？")
 
-    # the README's claim, with a margin for other CPUs: identity named on held-out questions, and
-    # general questions still answered (not hijacked by the identity), per language
+    # the README's claim, per language: identity named on held-out questions, and general
+    # questions still answered (not hijacked by the identity); bounds: test docstring
     run("eval", "identity", "./merged", "--name", "龙", "--name-en", "Long", "--no-compare", "--json", "r.json",
-        cwd=tmp_path)
+        cwd=tmp_path, seconds=900)
     result = json.loads((tmp_path / "r.json").read_text())
     for lang in ("zh", "en"):
-        assert result[lang]["identity_rate"] >= 0.9, result[lang]
-        assert result[lang]["hijack_rate"] <= 0.1, result[lang]
+        r = result[lang]
+        assert len(r["hijacked"]) <= binomial_bound(r["general_n"], HIJACK_P, ALPHA), r  # 12 of 40
+        assert len(r["identity_misses"]) <= binomial_bound(r["identity_n"], MISS_P, ALPHA), r  # 5 of 30
 
-    chat = subprocess.run([sys.executable, "-m", "tuneforge", "chat", "./merged", "--max-new-tokens", "30"],
-                          cwd=tmp_path, input="请介绍一下你自己\nPlease introduce yourself\n",
-                          capture_output=True, text=True, timeout=300)
+    chat = tuneforge("chat", "./merged", "--max-new-tokens", "30", cwd=tmp_path,
+                     input="请介绍一下你自己\nPlease introduce yourself\n", seconds=300)
     assert chat.returncode == 0 and "龙" in chat.stdout and "Long" in chat.stdout, chat.stdout

@@ -5,11 +5,11 @@ edit it, train (QLoRA, LoRA under ZeRO-2, full), pth_to_hf, merge in both layout
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
 from internlm2_checkpoint import make_internlm2, read_state
+from waits import tuneforge
 
 PRESETS = {"qlora": "internlm2_5_chat_7b_qlora_alpaca_e3", "lora": "internlm2_5_chat_7b_lora_alpaca_e3",
            "full": "internlm2_5_chat_7b_full_alpaca_e3"}
@@ -17,9 +17,9 @@ SMALL = ["max_steps=2", "max_length=256", "replay_general=False", "evaluation_ma
          "save_steps=2", "lr=1e-3"]
 
 
-def run(*args: str, cwd, stdin: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=900, input=stdin, stdin=None if stdin else subprocess.DEVNULL)
+def run(*args: str, cwd, stdin: str | None = None, seconds: float = 900) -> subprocess.CompletedProcess:
+    """One command, within the scaled limit (tests/waits.py: TUNEFORGE_TEST_TIMEOUT_FACTOR)."""
+    proc = tuneforge(*args, seconds=seconds, cwd=cwd, input=stdin, stdin=None if stdin else subprocess.DEVNULL)
     assert proc.returncode == 0, f"tuneforge {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
     return proc
 

@@ -4,11 +4,11 @@ same recipe, so on the same config and data they train the same losses."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from waits import tuneforge
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -27,8 +27,7 @@ def test_the_benchmark_trains_the_losses_tuneforge_train_trains(tiny_model_dir, 
     settings = bench_train.tuneforge_settings(run, tiny_model_dir, 1e-2, 128, steps, data=identity_data)
     cfg = tmp_path / "bench_config.py"
     cfg.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(tmp_path / "w"),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    proc = tuneforge("train", str(cfg), "--work-dir", str(tmp_path / "w"), "--no-progress", seconds=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     command = [r["loss"] for r in log if "loss" in r]

@@ -173,3 +173,92 @@ def test_merged_tokenizer_config_is_portable(lora_run, tiny_model_dir, tmp_path)
         assert settings["model_max_length"] == 512  # the tiny model's max_position_embeddings
         assert "<|start_header_id|>" in settings["chat_template"]
         assert "is_local" not in settings and not isinstance(settings.get("extra_special_tokens"), list)
+
+
+def test_pth_to_hf_given_the_work_dir_converts_its_last_checkpoint(lora_run, tiny_model_dir, tmp_path):
+    """docs/commands.md: CKPT may be the work dir, meaning its last checkpoint (the command, run
+    in-process)."""
+    from safetensors.torch import load_file
+
+    from tuneforge.cli import main
+    from tuneforge.convert.pth_to_hf import peft_key
+
+    work = lora_run.parent
+    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_3.pth", "iter_4.pth"]
+    config = tmp_path / "cfg.py"
+    config.write_text(f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\ndata_files = 'd.jsonl'\n")
+    assert main(["convert", "pth_to_hf", str(config), str(work), str(tmp_path / "hf"), "--fp32"]) == 0
+    written = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
+    last, earlier = (load_checkpoint(work / name).state_dict for name in ("iter_4.pth", "iter_3.pth"))
+    assert written.keys() == {peft_key(k) for k in last}
+    assert all(torch.equal(written[peft_key(k)], v) for k, v in last.items())
+    assert not all(torch.equal(written[peft_key(k)], v) for k, v in earlier.items())  # the two differ
+
+
+@pytest.fixture(scope="module")
+def eos_base(bundled_path, tmp_path_factory):
+    """The bundled model as a base whose end of text (<|endoftext|>) is not its chat template's end
+    of turn (<|im_end|>), as with many base models: its own generation config runs past a turn."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("eos-base")
+    for f in bundled_path.iterdir():
+        if f.name not in ("config.json", "generation_config.json") and not f.name.startswith("tokenizer"):
+            (out / f.name).symlink_to(f)
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((bundled_path / name).read_text())
+        (out / name).write_text(json.dumps({**settings, "eos_token_id": 0}))
+    tok = AutoTokenizer.from_pretrained(bundled_path)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(out)
+    return out
+
+
+def _adapter_for(base, out, template: bool):
+    """A PEFT adapter of BASE (peft's zero init: the merge equals the base), with tuneforge's
+    template file as pth_to_hf writes it, or without (a foreign adapter)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.data.templates import get_template, save_template
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(out)
+    if template:
+        save_template(out, get_template("auto", AutoTokenizer.from_pretrained(base)))
+    return out
+
+
+def _greedy_answer(folder, question: str) -> list[int]:
+    """What plain transformers generates from FOLDER, with the folder's own generation config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_dict=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.slow  # the bundled model, merged twice (~1 min on 2 cores)
+@pytest.mark.parametrize("template", [True, False])
+def test_the_merged_generation_config_stops_at_the_end_of_turn(eos_base, tmp_path, template):
+    """docs/serving.md: the merged folder's generation config stops at the template's end-of-turn
+    token, so plain transformers' generate() ends the answer there; also for an adapter without
+    tuneforge's template file (the base's own chat template is the one it chats with)."""
+    from transformers import AutoTokenizer
+
+    end_of_turn = AutoTokenizer.from_pretrained(eos_base).convert_tokens_to_ids("<|im_end|>")
+    question = "What is 2+2? Answer with one number."
+    base_answer = _greedy_answer(eos_base, question)
+    assert end_of_turn in base_answer[:-1]  # the base's config runs past the turn: the check can fail
+
+    merged = merge_adapter(str(eos_base), _adapter_for(eos_base, tmp_path / "adapter", template),
+                           tmp_path / "merged")
+    eos = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    assert end_of_turn in (eos if isinstance(eos, list) else [eos]), eos
+    answer = _greedy_answer(merged, question)
+    stop = base_answer.index(end_of_turn)
+    assert answer == base_answer[:stop + 1], (answer, base_answer)  # the same answer, ended at the turn

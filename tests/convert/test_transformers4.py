@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from waits import limit
 
 SPEC = "transformers<5"
 PACKAGES = (SPEC, "tokenizers", "jinja2")
@@ -56,10 +57,10 @@ def _build_venv() -> Path:
         return _venv_python(root)
     building = cache / f"{root.name}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(building)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(building)], check=True, capture_output=True, timeout=limit(300))
     pip = subprocess.run([str(_venv_python(building)), "-m", "pip", "install", "-q",
                           "--disable-pip-version-check", *PACKAGES],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=limit(600))
     if pip.returncode:
         shutil.rmtree(building, ignore_errors=True)
         output = pip.stdout + pip.stderr
@@ -116,7 +117,7 @@ def test_transformers_4_reads_the_merged_tokenizer_and_config(tf4_python, merged
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     run = subprocess.run([str(tf4_python), "-c", READ, str(merged_bundled), json.dumps(CHAT)],
-                         capture_output=True, text=True, timeout=300, env=env)
+                         capture_output=True, text=True, timeout=limit(300), env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     old = json.loads(run.stdout.strip().splitlines()[-1])
     assert old["version"].startswith("4.")

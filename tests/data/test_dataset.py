@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from conftest import tiny_config, write_jsonl
 
@@ -96,7 +99,7 @@ def test_log_dataset_shows_masked_text(tiny_model_dir, tokenizer, tmp_path):
 
 
 def test_parquet_source(tiny_model_dir, tokenizer, tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # in the [test] extra: a missing one is a broken set-up, not a skip
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)])
@@ -146,3 +149,32 @@ def test_check_dataset_names_the_first_bad_lines_when_every_line_is_bad(tiny_mod
     assert str(err.value) == ("no usable sample in the data files (30 bad lines, all skipped; the first: "
                               f"{path}:1: messages[0].role: unknown role 'bot'; expected one of assistant, "
                               "system, tool, user)")
+
+
+def test_relative_data_paths_are_tried_from_the_working_directory_then_beside_the_config(
+        tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """docs/config.md: a relative data_files path is tried from the working directory, then beside
+    the config file (also when the config is itself given by a relative path)."""
+    from tuneforge.config import load_config
+
+    project = tmp_path / "project"
+    write_jsonl(project / "data" / "d.jsonl", [qa(0, "beside the config")])
+    write_jsonl(project / "folder" / "f.jsonl", [qa(1, "in a folder beside it")])
+    (project / "cfg.py").write_text(f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
+                                    "data_files = ['data/d.jsonl', 'folder']\npack_to_max_length = False\n")
+    monkeypatch.chdir(tmp_path)  # neither path exists here
+    rows, stats = rows_for(load_config("project/cfg.py"), tokenizer)
+    assert [str(Path(f).resolve()) for f in stats.files] == [str(project / "data" / "d.jsonl"),
+                                                             str(project / "folder" / "f.jsonl")]
+    assert [tokenizer.decode(rows[k].input_ids).count("beside") for k in range(2)] == [1, 1]
+
+    write_jsonl(tmp_path / "data" / "d.jsonl", [qa(0, "from the working directory")])  # now both exist
+    rows, stats = rows_for(load_config("project/cfg.py"), tokenizer)
+    assert Path(stats.files[0]).resolve() == tmp_path / "data" / "d.jsonl"
+    assert "from the working directory" in tokenizer.decode(rows[0].input_ids)
+
+    (project / "cfg.py").write_text(f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\n"
+                                    "data_files = 'nowhere.jsonl'\n")
+    looked = re.escape(f"data file 'nowhere.jsonl' not found (looked in nowhere.jsonl, {project / 'nowhere.jsonl'})")
+    with pytest.raises(UserError, match=looked):
+        rows_for(load_config("project/cfg.py"), tokenizer)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import tiny_config
 
@@ -68,23 +69,74 @@ def test_a_short_run_answers_only_the_prompts_it_can_train_on_and_a_longer_one_a
     assert set(read_answers(cache)) == set(more)
 
 
+def _samples(row) -> list[tuple[int, ...]]:
+    """A packed row cut back into its samples (positions restart at 0 at each one)."""
+    starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+    return [tuple(row.input_ids[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
 def test_training_with_replay_mixes_it_in(tiny_model_dir, identity_data, tmp_path, monkeypatch, capsys):
+    """The replay file's samples are in the rows the run trains, each as often as the run repeats
+    it, so that replay holds the share of the data a whole-epoch run gives it (replay_repeat x the
+    314 prompts), and the steps the run took trained some of them."""
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    from collections import Counter
+
+    from tuneforge.data.batching import micro_batches
+    from tuneforge.data.cache import encode_sample
+    from tuneforge.data.dataset import encode_settings
+    from tuneforge.data.encode import IGNORE
+    from tuneforge.data.formats import load_samples
     from tuneforge.train.options import RunOptions
-    from tuneforge.train.recipe import train
+    from tuneforge.train.recipe import Recipe
 
     cfg = tiny_config(tiny_model_dir, identity_data, replay_general=True, replay_max_new_tokens=4,
                       max_steps=2, identity_guard=True, evaluation_max_new_tokens=4)
-    train(cfg, tmp_path / "w", RunOptions(progress=False))
+    recipe = Recipe(cfg, tmp_path / "w", RunOptions(progress=False))
+    recipe.setup()
+    recipe.train()
     out = capsys.readouterr()
     said = out.out + out.err
     assert "data with replay:" in said
     # 2 steps of 2x2 rows, of the identity data's ~200 rows: a few of the 314 prompts
-    assert " of the 314 general prompts (what 2 steps can train on)" in said
-    trained = [json.loads(x)["conversation"][0]["input"] for x in (tmp_path / "w" / "replay.jsonl").read_text().splitlines()]
+    chosen = re.search(r"replay: (\d+) of the 314 general prompts \(what 2 steps can train on\)", said)
+    assert chosen, said
+    n_prompts = int(chosen.group(1))
+    replay_file = tmp_path / "w" / "replay.jsonl"
+    trained = [json.loads(x)["conversation"][0]["input"] for x in replay_file.read_text().splitlines()]
     assert 1 <= len(trained) < 20 and set(trained) <= set(prompts_for(20 / 314))
+    assert len(trained) == n_prompts  # the tiny model answered every prompt (none empty, none left out)
+
+    # the replay samples, encoded as the run encodes its data, among the samples of the run's rows
+    settings = encode_settings(recipe.cfg, recipe.template)
+    replay = [tuple(encode_sample(s, recipe.tokenizer, settings).input_ids) for s in load_samples(replay_file)]
+    in_rows = Counter(s for k in range(len(recipe.rows)) for s in _samples(recipe.rows[k]))
+    repeat = max(1, round(cfg.replay_repeat * len(replay_prompts()) / n_prompts))
+    assert repeat > 1  # a short run repeats its few prompts
+    assert [in_rows[s] for s in replay] == [repeat] * len(replay)
+    identity_samples = sum(in_rows.values()) - repeat * len(replay)
+    assert identity_samples == len(load_samples(identity_data))  # and the identity data is all there
+    # the share: as many replay samples as a whole epoch's (replay_repeat per prompt, all 314 of
+    # them), up to the rounding of the repeat count (half a repeat of the chosen prompts)
+    whole_epoch = cfg.replay_repeat * len(replay_prompts())
+    assert abs(repeat * len(replay) - whole_epoch) <= len(replay) / 2, (repeat, len(replay))
+    # and their answers are trained (labelled), not context
+    row_of = {s: recipe.rows[k] for k in range(len(recipe.rows)) for s in _samples(recipe.rows[k])}
+    assert all(any(t != IGNORE for t in _labels_of(row_of[s], s)) for s in replay)
+    # the two steps the run took trained replay samples next to identity ones
+    steps = [s for step in range(2) for batch in micro_batches(recipe.rows, cfg.batch_size,
+                                                               cfg.accumulative_counts, cfg.seed, step)
+             for row in batch for s in _samples(row)]
+    assert any(s in set(replay) for s in steps) and not all(s in set(replay) for s in steps)
     log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log)  # the guard asked its questions
+
+
+def _labels_of(row, sample: tuple[int, ...]) -> list[int]:
+    for a in (i for i, p in enumerate(row.position_ids) if p == 0):
+        if tuple(row.input_ids[a:a + len(sample)]) == sample:
+            return row.labels[a:a + len(sample)]
+    raise AssertionError("sample not in row")
 
 
 def test_qlora_on_a_cpu_replays_the_unquantized_base_with_progress(tiny_model_dir, identity_data, tmp_path,

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from tuneforge.convert.layout import save_original_layout
-from tuneforge.data.templates import load_template, save_template, stop_token_ids
+from tuneforge.data.templates import (
+    Template,
+    get_template,
+    load_template,
+    save_template,
+    stop_token_ids,
+)
 from tuneforge.errors import UserError
 from tuneforge.files import atomic_directory
 from tuneforge.models import internlm2
@@ -77,6 +83,15 @@ def _merged(base_path: Path, adapter: Path, device: str, trust: bool, dtype: tor
     return model
 
 
+def _own_template(tokenizer: Any) -> Template | None:
+    """The tokenizer's own chat template, for an adapter without tuneforge's template file (a
+    foreign PEFT adapter): the merged model chats with it, so its end of turn ends generation."""
+    try:
+        return get_template("auto", tokenizer)
+    except UserError:  # no chat template at all: end of text is all there is
+        return None
+
+
 def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_size: str = "2GB",
                   device: str = "cpu", trust_remote_code: bool | None = None,
                   layout: str = "llama", dtype: str = "auto") -> Path:
@@ -102,7 +117,9 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
     template = load_template(adapter)
     if template is not None:
         tokenizer.chat_template = template.chat_template
-        stops = stop_token_ids(template, tokenizer)
+    chats_with = template or _own_template(tokenizer)
+    if chats_with is not None:  # generate() stops where the turn ends, not only at end of text
+        stops = stop_token_ids(chats_with, tokenizer)
         model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
