@@ -3,6 +3,7 @@ a user stops it (kill -9, SIGTERM, Ctrl-C, a full disk) and resumes it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from waits import tuneforge, wait_for
+from waits import limit, tuneforge, wait_for
 
 from tuneforge.train.checkpoint import LAST, list_checkpoints, load_checkpoint
 from tuneforge.train.parallel import free_port
@@ -376,3 +377,133 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_the_last_good_checkpoint_re
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 3" in resumed.stdout
     assert_same_run(work, reference)
+
+
+# ------------------------------------------------------------------ DeepSpeed, Slurm, compiling
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed (the [deepspeed] extra) is not installed")
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(("settings", "preset", "message"), [
+    (dict(method="qlora"), "deepspeed_zero3",
+     "tuneforge: error: --deepspeed ZeRO-3 with method='qlora': 4-bit weights cannot be partitioned; "
+     "use deepspeed_zero2 (what XTuner's QLoRA recipes use)"),
+    (dict(optim_type="AdamW8bit"), "deepspeed_zero2",
+     "tuneforge: error: --deepspeed with optim_type='AdamW8bit': DeepSpeed partitions AdamW's state itself; "
+     "use optim_type='AdamW'"),
+], ids=["qlora-zero3", "adamw8bit-zero2"])
+def test_deepspeed_refuses_what_it_cannot_train_in_one_line(tiny_model_dir, identity_data, tmp_path, settings,
+                                                            preset, message):
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, max_steps=2, **settings)
+    proc = tuneforge("train", str(cfg), "--deepspeed", preset, "--work-dir", str(tmp_path / "w"))
+    assert_one_line_error(proc)
+    assert proc.stderr.strip() == message
+    assert not list((tmp_path / "w").glob("iter_*"))
+
+
+def without_deepspeed(tmp_path: Path) -> dict:
+    """An environment whose Python finds no DeepSpeed, as where the extra is not installed (also
+    in the ranks torchrun starts: sitecustomize runs in every process)."""
+    shim = tmp_path / "no_deepspeed"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None  # import fails, "
+                                           "find_spec finds nothing\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(shim), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    probe = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=limit(60))
+    assert "ModuleNotFoundError" in probe.stderr, probe.stderr  # the shim works
+    return env
+
+
+def test_without_deepspeed_one_process_trains_with_the_built_in_loop_and_two_ranks_stop(tiny_model_dir, identity_data,
+                                                                                         tmp_path):
+    env = without_deepspeed(tmp_path)
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, max_steps=2)
+    one = tuneforge("train", str(cfg), "--deepspeed", "deepspeed_zero2", "--work-dir", str(tmp_path / "one"), env=env)
+    assert one.returncode == 0, one.stderr
+    assert ("--deepspeed deepspeed_zero2: DeepSpeed is not installed; one process has nothing to shard, so the "
+            "built-in loop trains with the same settings") in one.stdout
+    assert "DeepSpeed ZeRO" not in one.stdout  # the model line names no engine: the one-process loop
+    assert load_checkpoint(tmp_path / "one").step == 2
+
+    two = tuneforge("train", str(cfg), "--deepspeed", "deepspeed_zero2", "--work-dir", str(tmp_path / "two"),
+                    env={**env, "NPROC_PER_NODE": "2", "PORT": str(free_port())}, seconds=300)
+    assert two.returncode == 1
+    assert ("tuneforge: error: --deepspeed needs DeepSpeed: pip install 'tuneforge[deepspeed]' (or train with "
+            "--fsdp, which needs nothing more than PyTorch)") in two.stderr.splitlines()
+    assert "tuneforge: error: a rank failed (exit 1); its error is printed above" in two.stderr
+    assert not list((tmp_path / "two").glob("iter_*"))
+
+
+def slurm_free_env(**extra: str) -> dict:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **extra}
+
+
+def test_launcher_slurm_takes_the_ranks_from_slurm_or_says_to_use_srun(tiny_model_dir, identity_data, tmp_path):
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data, max_steps=2)
+    args = [sys.executable, "-m", "tuneforge", "train", str(cfg), "--launcher", "slurm"]
+    outside = subprocess.run([*args, "--work-dir", str(tmp_path / "none")], capture_output=True, text=True,
+                             env=slurm_free_env(), timeout=limit(300))
+    assert_one_line_error(outside)
+    assert outside.stderr.strip() == ("tuneforge: error: --launcher slurm: SLURM_PROCID is not set; start the "
+                                      "command with srun")
+    # one task of `srun --ntasks=1`: it trains by itself (NPROC_PER_NODE, torchrun's, is not used)
+    task = subprocess.run([*args, "--work-dir", str(tmp_path / "w")], capture_output=True, text=True,
+                          env=slurm_free_env(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0",
+                                             SLURM_JOB_NODELIST="node[07-09]", NPROC_PER_NODE="2"),
+                          timeout=limit(300))
+    assert task.returncode == 0, task.stderr
+    assert "rank(s)" not in task.stdout  # one rank, not two
+    assert load_checkpoint(tmp_path / "w").step == 2
+
+
+def test_slurm_variables_become_the_rank_layout(monkeypatch):
+    """What each task of `srun --ntasks=8` hands torch.distributed: its rank, the world, its GPU,
+    and the first node as the rendezvous."""
+    import torch.distributed as dist
+
+    from tuneforge.train import parallel
+    from tuneforge.train.launch import slurm_environment
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ADDR", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1",
+                            SLURM_JOB_NODELIST="gpu[03-05,09]").items():
+        monkeypatch.setenv(name, value)
+    slurm_environment()
+    assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == \
+        dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="gpu03", MASTER_PORT="29500")
+    joined = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parallel.init() == parallel.Ranks(rank=5, world=8, local_rank=1)
+    assert joined == ["gloo"]
+
+
+@pytest.mark.parametrize(("flags", "env", "compiles"), [
+    ([], None, True),
+    (["--no-compile"], None, False),
+    ([], "0", False),  # the older spelling
+    ([], "1", True),
+    (["--no-compile"], "1", False),
+])
+def test_no_compile_and_tuneforge_compile_0_turn_compiling_off(tiny_model_dir, identity_data, tmp_path, monkeypatch,
+                                                               flags, env, compiles):
+    """What the command line hands the recipe (which passes it on to the fast path:
+    tests/train/test_loop.py checks that part)."""
+    import tuneforge.train.recipe as recipe
+    from tuneforge import cli
+
+    for name in ("NPROC_PER_NODE", "NNODES", "TUNEFORGE_COMPILE"):
+        monkeypatch.delenv(name, raising=False)
+    if env is not None:
+        monkeypatch.setenv("TUNEFORGE_COMPILE", env)
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    seen = []
+    monkeypatch.setattr(recipe, "train", lambda cfg, work_dir, options: seen.append(options))
+    cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data)
+    assert cli.main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), *flags]) == 0
+    assert [o.compile for o in seen] == [compiles]

@@ -201,3 +201,24 @@ def test_the_memory_plan_counts_what_each_engine_leaves_on_a_gpu():
     lora = tiny_config("m", "d.jsonl")
     assert FSDPEngine(Ranks(0, 2), None).shares(lora).weights == 1.0  # the frozen base stays whole under FSDP2
     assert DataParallelEngine(Ranks(0, 2)).shares(cfg) == Shares()  # every rank holds everything
+
+
+@pytest.mark.parametrize("compile_layers", [True, False])
+def test_the_compile_option_reaches_the_fast_path(tiny_model_dir, identity_data, tmp_path, monkeypatch, compile_layers):
+    """RunOptions.compile (--no-compile, TUNEFORGE_COMPILE=0: tests/test_cli.py) switches the fused
+    maths' torch.compile and the compiled decoder layers (fast.apply's Target) off together."""
+    from tuneforge import fast
+    from tuneforge.fast.compiled import allow_compiling, compiling_allowed
+    from tuneforge.train.recipe import Recipe
+
+    targets = []
+    real = fast.apply
+    monkeypatch.setattr(fast, "apply", lambda model, cfg, target, say: targets.append(target) or real(model, cfg,
+                                                                                                      target, say))
+    cfg = tiny_config(tiny_model_dir, identity_data, max_steps=1)
+    try:
+        Recipe(cfg, tmp_path / "w", RunOptions(progress=False, compile=compile_layers)).setup()
+        assert compiling_allowed() is compile_layers
+    finally:
+        allow_compiling(True)
+    assert [t.compile for t in targets] == [compile_layers]
