@@ -24,12 +24,10 @@ def total_steps(n_rows: int, cfg: Config, world: int = 1) -> int:
 
 
 def checkpoints_kept(cfg: Config, steps: int) -> int:
-    """How many checkpoints a run of STEPS steps will have on disk at once. For
-    save_total_limit -1 ("keep all") the space check looks three checkpoints ahead: enough to
-    catch a disk that is nearly full without refusing a long run whose later checkpoints the
-    user will prune."""
+    """How many checkpoints a run of STEPS steps will have on disk at once: the newest
+    save_total_limit of those it writes, or all of them for -1 (or 0), which keeps every one."""
     written = steps // cfg.save_steps + (cfg.save_last and steps % cfg.save_steps != 0)
-    return min(written, cfg.save_total_limit if cfg.save_total_limit > 0 else 3)
+    return written if cfg.save_total_limit <= 0 else min(written, cfg.save_total_limit)
 
 
 def check_deepspeed(cfg: Config, partitioned: bool) -> None:

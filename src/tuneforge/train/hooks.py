@@ -13,6 +13,7 @@ from typing import Any
 from tuneforge.data.templates import Template
 from tuneforge.evaluate.guard import GUARD_GENERAL, GUARD_IDENTITY, leaks, overlap
 from tuneforge.fast.lora import dense_4bit_weights
+from tuneforge.files import atomic_write
 from tuneforge.models.generate import Sampling, generate_batch
 
 
@@ -24,6 +25,9 @@ class NoLog:
 
     def read(self) -> list[dict[str, Any]]:
         return []
+
+    def resume_at(self, step: int) -> None:
+        pass
 
 
 class JsonlLog:
@@ -38,6 +42,17 @@ class JsonlLog:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+
+    def resume_at(self, step: int) -> None:
+        """Drop the records of steps after STEP: a run resumed from STEP's checkpoint trains them
+        again (a kill -9 or a failed save leaves the log ahead of the last checkpoint)."""
+        if not self.path.is_file():
+            return
+        lines = [x for x in self.path.read_text(encoding="utf-8").splitlines() if x]
+        kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            with atomic_write(self.path) as f:
+                f.write("".join(x + "\n" for x in kept))
 
 
 def evaluate(model: Any, tokenizer: Any, template: Template, questions: list[str], system: str,

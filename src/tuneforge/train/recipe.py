@@ -285,6 +285,8 @@ class Recipe:
         """The log, evaluation (with the identity guard), the profiler and the progress display."""
         main = self.ranks.main
         self.log = JsonlLog(self.work_dir / "train_log.jsonl") if main else NoLog()
+        if self.start:
+            self.log.resume_at(self.start)  # the log goes on from the checkpoint's step, not past it
         self.evaluate = Evaluation(self.cfg, self.model, self.tokenizer, self.template, self.log,
                                    self.work_dir / "eval_outputs.txt", self.say,
                                    enabled=main and self.engine.evaluates)
