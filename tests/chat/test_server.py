@@ -458,3 +458,44 @@ def test_chat_in_4_and_8_bits(bundled_path, bits, layer):
     reply = generate(llm, tokenizer, template, [{"role": "user", "content": "What is the capital of France?"}],
                      Sampling(max_new_tokens=8))
     assert "Paris" in reply, reply
+
+
+def test_the_page_stops_an_answer_sends_again_and_fits_a_phone(server, spy):
+    """A two-line question (Shift+Enter) is one question; Stop aborts the answer being written
+    (the server stops generating it) and Send works again at once; at 390 px nothing overflows."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser = _browser()
+    try:
+        browser.get(server.url + "/health")
+        browser.execute_script(f"sessionStorage.setItem('tuneforge-key', '{KEY}')")
+        browser.get(server.url + "/")
+        wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
+        spy.hold = True
+        box = browser.find_element(By.ID, "input")
+        box.click()
+        box.send_keys("Tell me about the sea.")
+        ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        box.send_keys("And the sky." + Keys.ENTER)
+        gen = spy.held(1)
+        assert gen.question == "Tell me about the sea.\nAnd the sky.", gen.question
+        wait_for(lambda: _showing(browser), 60, "the page to show the answer while it streams")
+        browser.find_element(By.ID, "stop").click()
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".assistant[data-state=stopped]"), 60,
+                 "the page to mark the answer stopped")
+        assert browser.find_element(By.ID, "send").is_enabled()
+        spy.hold = False
+        spy.release()
+        wait_for(lambda: gen.reply, 120, "the stopped generation to end")
+        assert gen.cancelled and gen.reply.completion_tokens < 64, gen.reply  # Stop reached the server
+        box.send_keys("Thanks!" + Keys.ENTER)
+        wait_for(lambda: _done(browser) == 1, 180, "the next answer after Stop")
+        browser.set_window_size(390, 844)
+        width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width <= inner, (width, inner)
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "chat_page_390px.png"))
+    finally:
+        browser.quit()
