@@ -117,7 +117,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from tuneforge.chat.cli import load_for_chat
+    from tuneforge.chat.cli import load_for_serving
     from tuneforge.chat.server import Served, serve
     from tuneforge.chat.worker import Worker
     from tuneforge.data.templates import template_for
@@ -125,12 +125,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"[tuneforge] warning: listening on {args.host} without --api-key: anyone who can reach "
               "this machine can use the model", file=sys.stderr)
-    llm, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter, bits=args.bits,
-                                                 trust_remote_code=args.trust_remote_code)
-    template = template_for(template_dir, tokenizer, args.prompt_template)
     name = Path(args.model_name_or_path.rstrip("/")).name or "model"
-    worker = Worker(llm, tokenizer, template, max_prompt_tokens=args.max_prompt_tokens)
-    served = Served(worker, name, f"{name}:base" if args.adapter else None, args.api_key, args.max_tokens)
+    llm, tokenizer, template_dir, routes = load_for_serving(
+        args.model_name_or_path, name, args.adapter or [], bits=args.bits,
+        trust_remote_code=args.trust_remote_code)
+    template = template_for(template_dir, tokenizer, args.prompt_template)
+    worker = Worker(llm, tokenizer, template, max_prompt_tokens=args.max_prompt_tokens,
+                    max_queue=args.max_queue, max_batch=args.max_batch)
+    served = Served(worker, name, None, args.api_key, args.max_tokens, cors_origins=args.cors_origin or [],
+                    routes=routes)
     serve(served, args.host, args.port)
 
 
@@ -312,13 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible API and a chat web page for a model")
     s.add_argument("model_name_or_path")
-    s.add_argument("--adapter", help="a LoRA adapter on the base model; the page can compare both")
+    s.add_argument("--adapter", action="append",
+                   help="a LoRA adapter on the base model (NAME:base answers without it; the page "
+                        "compares both), or NAME=DIR, repeatable: several adapters on one base, "
+                        "picked per request by the model field (the base by its own name)")
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) serves this machine only")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="clients must send Authorization: Bearer KEY")
     s.add_argument("--prompt-template", help="override the template saved with the model")
     s.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one reply may ask for")
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get HTTP 400")
+    s.add_argument("--max-batch", type=int, default=8, help="the most rows decoded together in one step")
+    s.add_argument("--max-queue", type=int, default=64, help="more waiting requests get HTTP 503 + Retry-After")
+    s.add_argument("--cors-origin", action="append",
+                   help="let pages from this origin call the API (repeat; none by default)")
     s.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
     _remote_code_option(s)
     s.set_defaults(func=cmd_serve)

@@ -112,3 +112,59 @@ def test_fit_history_keeps_system_and_last_question():
     fitted = fit_history(history, len, 4)  # "tokens" = messages here
     assert [m["content"] for m in fitted] == ["s", "q4", "a4", "last"]
     assert [m["content"] for m in fit_history(history, len, 1)] == ["s", "last"]
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(tiny_model_dir, monkeypatch):
+    calls: list[list[dict]] = []
+
+    def interrupted_once(model, tokenizer, template, messages, sampling, on_text=None):
+        calls.append([dict(m) for m in messages])
+        if len(calls) == 1:
+            on_text("Half an ans")
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of generate
+        return "fine"
+
+    monkeypatch.setattr(chat_cli, "generate", interrupted_once)
+    out = io.StringIO()
+    run_chat(str(tiny_model_dir), prompts=["first?", "second?"], stdout=out, sampling=Sampling(max_new_tokens=4))
+    assert "Half an ans [stopped]" in out.getvalue()
+    assert [(m["role"], m["content"]) for m in calls[1]] == [
+        ("user", "first?"), ("assistant", "Half an ans"), ("user", "second?")]
+
+
+def test_terminal_chat_ctrl_c_and_a_pasted_block(tiny_model_dir):
+    """In a real terminal (a pty): Ctrl-C mid-answer stops it and the chat goes on; a three-line
+    block between \"\"\" lines is one question; Ctrl-C twice at the prompt quits."""
+    import os
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    from waits import limit
+
+    child = pexpect.spawn(sys.executable, ["-m", "tuneforge", "chat", str(tiny_model_dir), "--max-new-tokens", "100000"],
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, encoding="utf-8", timeout=limit(120))
+    try:
+        child.expect_exact(">>> User: ")
+        child.sendline("Tell me everything.")
+        child.expect_exact(">>> Assistant: ")
+        child.expect(r"\S{3}")  # the answer is being written (a random model: it never stops by itself)
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        child.expect_exact(">>> User: ")
+        child.sendline('"""')
+        for line in ("one", "two", "three"):
+            child.expect_exact("... ")
+            child.sendline(line)
+        child.expect_exact("... ")
+        child.sendline('"""')
+        child.expect_exact(">>> Assistant: ")
+        child.sendintr()
+        child.expect_exact(">>> User: ")
+        assert ">>> User: " not in child.before  # one turn: no prompt between the block's lines and this
+        child.sendintr()
+        child.expect_exact("Ctrl-C again quits")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, (child.exitstatus, child.signalstatus)

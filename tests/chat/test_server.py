@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -87,37 +86,43 @@ class Generation:
 
 
 class Spy:
-    """The worker's generations, recorded as they happen in the server's process."""
+    """The worker's generations, recorded as they happen in the server's process: it wraps
+    ``Job.emit``, through which the decoding thread hands each request its start, pieces and end."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
         self.lock = threading.Lock()
         self.events: list[tuple[str, str]] = []  # ("start" | "piece" | "end", question), in order
         self.generations: list[Generation] = []
+        self.by_job: dict[int, Generation] = {}
         self.hold = False  # hold each generation after its first non-blank piece until released
 
-    def __call__(self, model, tokenizer, template, messages, sampling, on_text=None, cancelled=None):
-        gen = Generation(messages[-1]["content"], [dict(m) for m in messages])
-        with self.lock:
-            self.generations.append(gen)
-            self.events.append(("start", gen.question))
-
-        def piece(text: str) -> None:
-            on_text(text)  # to the client first: a held generation has sent what it has
+    def __call__(self, job, event) -> None:
+        kind = event[0]
+        if kind == "start":
+            gen = Generation(job.question, [dict(m) for m in job.messages or []])
             with self.lock:
-                self.events.append(("piece", gen.question))
-            gen.text += text
-            if self.hold and not gen.held and gen.text.strip():
-                gen.held = True
-                gen.release.wait(limit(300))  # the test releases it; the limit only guards a hang
-
-        reply = self.real(model, tokenizer, template, messages, sampling,
-                          on_text=piece if on_text else None, cancelled=cancelled)
+                self.by_job[id(job)] = gen
+                self.generations.append(gen)
+                self.events.append(("start", gen.question))
+            return self.real(job, event)
+        gen = self.by_job.get(id(job))
+        if gen is None or kind == "error":
+            return self.real(job, event)
+        if kind == "end":
+            with self.lock:  # recorded before the client hears of it: a test reads it after [DONE]
+                gen.cancelled = event[3] == "cancelled"
+                gen.reply = event[2]
+                self.events.append(("end", gen.question))
+            return self.real(job, event)
+        self.real(job, event)  # to the client first: a held generation has sent what it has
         with self.lock:
-            gen.cancelled = bool(cancelled and cancelled())
-            gen.reply = reply
-            self.events.append(("end", gen.question))
-        return reply
+            self.events.append(("piece", gen.question))
+        gen.text += event[2]
+        if self.hold and not gen.held and gen.text.strip():
+            gen.held = True
+            gen.release.wait(limit(300))  # the test releases it; the limit only guards a hang
+        return None
 
     def held(self, n: int) -> Generation:
         """Wait until the Nth generation (from 1) is held after its first piece."""
@@ -131,8 +136,8 @@ class Spy:
 
 @pytest.fixture
 def spy(server, monkeypatch):
-    recorder = Spy(worker_module.generate_reply)
-    monkeypatch.setattr(worker_module, "generate_reply", recorder)
+    recorder = Spy(worker_module.Job.emit)
+    monkeypatch.setattr(worker_module.Job, "emit", lambda job, event: recorder(job, event))
     yield recorder
     recorder.hold = False
     recorder.release()  # never leave the module's one worker blocked
@@ -143,26 +148,24 @@ class Stream:
     decides when the client goes away. Each read has a (scaled) limit and says what it waited for."""
 
     def __init__(self, url: str, body: dict) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=limit(120))
-        payload = json.dumps({**body, "stream": True}).encode()
-        self.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
-                          b"Content-Type: application/json\r\n"
-                          + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-                          + payload)
-        self.file = self.sock.makefile("rb")
-        status = self.file.readline()
-        assert b" 200 " in status, status
-        while self.file.readline() not in (b"\r\n", b""):  # the headers
-            pass
+        self.conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=limit(120))
+        self.conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                          {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        self.resp = self.conn.getresponse()  # HTTP/1.1: the body comes chunked, http.client unframes it
+        assert self.resp.status == 200, self.resp.status
 
     def event(self, what: str, seconds: float = 120) -> str:
-        """The next server-sent event's data ("[DONE]" or a JSON chunk)."""
-        self.sock.settimeout(limit(seconds))
-        lines = []
+        """The next server-sent event's data ("[DONE]" or a JSON chunk); comments (the server's
+        keep-alive pings) skipped."""
+        self.conn.sock.settimeout(limit(seconds))
+        lines: list[str] = []
         try:
-            while (line := self.file.readline()) not in (b"\n", b""):
-                lines.append(line.decode().removeprefix("data: ").rstrip("\n"))
+            while not lines:
+                while (line := self.resp.readline()) not in (b"\n", b""):
+                    if not line.startswith(b":"):
+                        lines.append(line.decode().removeprefix("data: ").rstrip("\n"))
+                if line == b"":
+                    break
         except TimeoutError:
             raise AssertionError(f"no event within {limit(seconds):.0f} s waiting for {what}") from None
         assert lines, f"the stream ended before {what}"
@@ -185,8 +188,8 @@ class Stream:
         return pieces
 
     def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+        self.resp.close()
+        self.conn.close()
 
 
 def _post(base: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
@@ -241,22 +244,23 @@ def _stream_to_done(base: str, question: str) -> str:
         {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
     assert resp.status == 200
-    events = resp.read().decode().split("\n\n")  # the server ends the stream by closing it
+    events = [e for e in resp.read().decode().split("\n\n") if not e.startswith(":")]  # pings skipped
     assert events[-2] == "data: [DONE]"
     return "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-2])
 
 
-def test_32_concurrent_streams_are_served_one_after_the_other(server, spy, monkeypatch):
+def test_32_concurrent_streams_are_batched_and_each_gets_its_own_answer(server, spy, monkeypatch):
+    worker = server.served.worker
     queued: list[str] = []  # the questions in the order they joined the worker's queue
-    jobs, lock = server.served.worker.jobs, threading.Lock()
-    put = jobs.put
+    lock, submit = threading.Lock(), worker.submit
 
-    def recording_put(job, *args, **kwargs):
+    def recording_submit(job):
         with lock:
-            queued.append(job.request.messages[-1]["content"])
-            put(job, *args, **kwargs)
+            queued.append(job.question)
+            return submit(job)
 
-    monkeypatch.setattr(jobs, "put", recording_put)
+    monkeypatch.setattr(worker, "submit", recording_submit)
+    steps_before = len(worker.stats.batch_sizes)
     questions = [f"Count to {i}." for i in range(32)]
     with ThreadPoolExecutor(32) as pool:
         texts = list(pool.map(lambda q: _stream_to_done(server.url, q), questions))
@@ -265,10 +269,10 @@ def test_32_concurrent_streams_are_served_one_after_the_other(server, spy, monke
     assert sorted(made) == sorted(questions) == sorted(queued)
     for question, text in zip(questions, texts, strict=True):
         assert text.strip() and text.strip() == made[question], (question, text, made[question])
-    # one after the other, in the queue's order: each generation runs from start to end with no
-    # other's pieces in between
-    in_queue_order = sorted(spy.events, key=lambda e: queued.index(e[1]))  # stable: keeps each one's order
-    assert spy.events == in_queue_order, "generations overlapped or ran out of queue order"
+    # decoded together, never more rows than --max-batch, and started in the queue's order
+    sizes = list(worker.stats.batch_sizes)[steps_before:]
+    assert max(sizes) > 1 and max(sizes) <= worker.max_batch, sizes
+    assert [q for kind, q in spy.events if kind == "start"] == queued
     for question in queued:
         kinds = [kind for kind, q in spy.events if q == question]
         assert kinds[0] == "start" and kinds[-1] == "end" and "piece" in kinds, (question, kinds)
@@ -454,3 +458,44 @@ def test_chat_in_4_and_8_bits(bundled_path, bits, layer):
     reply = generate(llm, tokenizer, template, [{"role": "user", "content": "What is the capital of France?"}],
                      Sampling(max_new_tokens=8))
     assert "Paris" in reply, reply
+
+
+def test_the_page_stops_an_answer_sends_again_and_fits_a_phone(server, spy):
+    """A two-line question (Shift+Enter) is one question; Stop aborts the answer being written
+    (the server stops generating it) and Send works again at once; at 390 px nothing overflows."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser = _browser()
+    try:
+        browser.get(server.url + "/health")
+        browser.execute_script(f"sessionStorage.setItem('tuneforge-key', '{KEY}')")
+        browser.get(server.url + "/")
+        wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
+        spy.hold = True
+        box = browser.find_element(By.ID, "input")
+        box.click()
+        box.send_keys("Tell me about the sea.")
+        ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        box.send_keys("And the sky." + Keys.ENTER)
+        gen = spy.held(1)
+        assert gen.question == "Tell me about the sea.\nAnd the sky.", gen.question
+        wait_for(lambda: _showing(browser), 60, "the page to show the answer while it streams")
+        browser.find_element(By.ID, "stop").click()
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".assistant[data-state=stopped]"), 60,
+                 "the page to mark the answer stopped")
+        assert browser.find_element(By.ID, "send").is_enabled()
+        spy.hold = False
+        spy.release()
+        wait_for(lambda: gen.reply, 120, "the stopped generation to end")
+        assert gen.cancelled and gen.reply.completion_tokens < 64, gen.reply  # Stop reached the server
+        box.send_keys("Thanks!" + Keys.ENTER)
+        wait_for(lambda: _done(browser) == 1, 180, "the next answer after Stop")
+        browser.set_window_size(390, 844)
+        width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width <= inner, (width, inner)
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "chat_page_390px.png"))
+    finally:
+        browser.quit()

@@ -1,15 +1,14 @@
-"""The OpenAI chat-completions protocol as pure functions: a request body in, validated
-parameters out; replies and stream chunks in the shapes every client expects."""
+"""The OpenAI protocol as pydantic models: request bodies validated (an unknown or unsupported
+field is a 400 that names it, never silently ignored), and the reply and stream-chunk shapes
+every client expects."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from tuneforge.models.generate import Sampling
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ROLES = ("system", "user", "assistant")
 
@@ -18,97 +17,195 @@ class ApiError(Exception):
     """An error the client caused: an HTTP status and an OpenAI-shaped JSON body."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
-@dataclass(frozen=True)
-class ChatRequest:
-    messages: list[dict[str, str]]
-    sampling: Sampling
-    stream: bool
-    base: bool  # answer with the adapter switched off
-    model: str
+class _Body(BaseModel):
+    # forbid: a field we do not implement must be refused by name, not dropped
+    model_config = ConfigDict(extra="forbid")
 
 
-def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": "..."}]
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{where}: only text content parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(400, f"{where}.content must be a string or a list of text parts", "messages")
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ApiError(400, f"'{key}' must be a number from {low} to {high}", key)
-    return float(value)
+class Message(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # accepted and unused: it only labels a speaker
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-def parse_request(raw: bytes, served: str, base_name: str | None, max_tokens_limit: int) -> ChatRequest:
-    """Validate a /v1/chat/completions body. SERVED is the model id; BASE_NAME the id that asks
-    for the base model (when an adapter is loaded)."""
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class _Sampled(_Body):
+    """The sampling fields /v1/chat/completions and /v1/completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    # 0 (greedy), not OpenAI's 1: a served assistant answers the same question the same way
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    user: str | None = None  # accepted and unused: it only identifies the caller
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} must be from -100 to 100")
+        return value
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # refused below with a 400 naming them: accepted here only so the message can say why
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _last_is_users(cls, value: list[Message]) -> list[Message]:
+        if value and value[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        return value
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Sampled):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's own default for /v1/completions
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _message(err: dict[str, Any]) -> tuple[str, str | None]:
+    """One error of a pydantic ValidationError as (message, the top-level field it is about)."""
+    loc = tuple(p for p in err["loc"] if p not in ("str", "list[TextPart]", "function-after[_last_is_users(), list[Message]]"))
+    field = str(loc[0]) if loc else None
+    where = _where(loc)
+    if err["type"] == "json_invalid":
+        return f"the request body is not valid JSON: {err['msg']}", None
+    if err["type"] == "model_type" and not loc:
+        return "the request body must be a JSON object", None
+    if err["type"] == "extra_forbidden":
+        return f"'{where}' is not supported by this server", field
+    if where == "messages" and err["type"] in ("missing", "too_short", "list_type"):
+        return "'messages' is required: a non-empty list of {role, content}", field
+    if where.endswith(".role"):
+        return f"{where} must be one of {', '.join(ROLES)}", field
+    if err["type"] == "missing":
+        return f"'{where}' is required", field
+    return f"'{where}': {err['msg'].removeprefix('Value error, ')}", field
+
+
+def parse(model: type[_Body], raw: bytes) -> Any:
+    """RAW validated into MODEL; the first error as a 400 naming its field."""
     try:
-        body = json.loads(raw or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' is required: a non-empty list of {role, content}", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", "messages")
-        clean.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")})
-    if clean[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be the user's", "messages")
-    model = body.get("model") or served
-    if model not in (served, base_name):
-        names = served + (f", {base_name}" if base_name else "")
-        raise ApiError(404, f"model '{model}' is not served here; models: {names}", "model", "not_found_error")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = int(_number({"max_tokens": max_tokens}, "max_tokens", min(512, max_tokens_limit), 1,
-                             max_tokens_limit))
-    sampling = Sampling(max_new_tokens=max_tokens,
-                        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
-                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-                        repetition_penalty=1.0 + _number(body, "frequency_penalty", 0.0, 0.0, 2.0) / 10)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    return ChatRequest(clean, sampling, stream, base=model == base_name and base_name is not None, model=model)
+        return model.model_validate_json(raw or b"")
+    except ValidationError as err:
+        message, field = _message(err.errors()[0])
+        raise ApiError(400, message, field) from None
 
 
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
+def refuse_unsupported(request: ChatRequest) -> None:
+    """The fields we parse but do not implement: a 400 naming each, never ignored."""
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        raise ApiError(400, f"response_format type '{fmt.type}' is not supported by this server "
+                            "(no constrained decoding); only 'text'", "response_format")
+    if request.tools:
+        raise ApiError(400, "'tools' is not supported by this server (no tool-call parsing)", "tools")
+    if request.tool_choice not in (None, "none"):
+        raise ApiError(400, "'tool_choice' is not supported by this server", "tool_choice")
 
 
-def reply_body(cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def one_prompt(request: CompletionRequest) -> str:
+    """The one prompt of a /v1/completions request; what we do not implement refused by name."""
+    if request.echo:
+        raise ApiError(400, "'echo' is not supported by this server", "echo")
+    if len(request.prompts()) != 1:
+        raise ApiError(400, "'prompt' must be one string here (a list of one is fine)", "prompt")
+    return request.prompts()[0]
+
+
+def completion_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_body(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> bytes:
-    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+def chat_chunk(cid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
+    body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": model, "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
 
 
-DONE = b"data: [DONE]\n\n"
+def completion_body(cid: str, model: str, choices: list[dict], prompt_tokens: int,
+                    completion_tokens: int, chunk: bool = False) -> dict:
+    body = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices}
+    if not chunk:
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body

@@ -41,6 +41,36 @@ def load_for_chat(model: str, adapter: str | None, device: str = "auto", bits: i
     return llm, load_tokenizer(tok_dir, trust), template_dir
 
 
+def load_for_serving(model: str, name: str, adapters: list[str], bits: int | None = None,
+                     trust_remote_code: bool | None = None) -> tuple[Any, Any, Path, dict[str, str | None]]:
+    """What `serve` answers with: the model and tokenizer, the dir whose template applies, and
+    the routes (model id -> adapter) for ADAPTERS: none (NAME), one DIR (NAME and NAME:base), or
+    NAME=DIR ones, all on one base (peft's multi-adapter model; the base as NAME, adapter off)."""
+    from tuneforge.chat.worker import BASE
+
+    named = [a.split("=", 1) for a in adapters if "=" in a]
+    if not named:
+        if len(adapters) > 1:
+            raise UserError("several adapters need names: --adapter NAME=DIR, once for each")
+        llm, tokenizer, template_dir = load_for_chat(model, adapters[0] if adapters else None, bits=bits,
+                                                     trust_remote_code=trust_remote_code)
+        return llm, tokenizer, template_dir, {name: None, **({f"{name}:base": BASE} if adapters else {})}
+    if len(named) != len(adapters):
+        raise UserError("give every --adapter as NAME=DIR, or one plain DIR")
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names) or name in names or any(not n for n in names):
+        raise UserError(f"adapter names must be distinct, not empty, and not '{name}' (the base's name)")
+    (first, first_dir), rest = named[0], named[1:]
+    llm, tokenizer, template_dir = load_for_chat(model, first_dir, bits=bits, trust_remote_code=trust_remote_code)
+    routes: dict[str, str | None] = {name: BASE, first: "default"}  # peft names the first one "default"
+    for adapter_name, directory in rest:
+        if not (Path(directory) / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {adapter_name}={directory}: not a PEFT adapter directory")
+        llm.load_adapter(directory, adapter_name=adapter_name)
+        routes[adapter_name] = adapter_name
+    return llm, tokenizer, template_dir, routes
+
+
 def fit_history(history: list[dict], n_tokens: Any, limit: int) -> list[dict]:
     """Drop the oldest exchanges (never the system prompt or the last question) until
     N_TOKENS(history) fits LIMIT."""
@@ -78,6 +108,12 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
         stdout.write(text)
         stdout.flush()
 
+    shown: list[str] = []  # the answer being written, kept when Ctrl-C stops it
+
+    def show(text: str) -> None:
+        shown.append(text)
+        emit(text)
+
     if interactive:
         emit(f"tuneforge chat ({template.name} template). RESET clears the history, EXIT quits.\n")
     for question in _questions(prompts, interactive, stdin):
@@ -100,8 +136,12 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
             emit(f"[{len(history) - len(trimmed)} old message(s) dropped to fit the context]\n")
             history = trimmed
         emit(">>> Assistant: ")
-        reply = generate(llm, tokenizer, template, history, sampling,
-                         on_text=emit if stream else None)
+        shown.clear()
+        try:
+            reply = generate(llm, tokenizer, template, history, sampling, on_text=show if stream else None)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat: what came is kept
+            reply = "".join(shown).strip()
+            emit(" [stopped]")
         if not stream:
             emit(reply)
         emit("\n")
@@ -114,11 +154,25 @@ def _questions(prompts: list[str] | None, interactive: bool, stdin: TextIO) -> I
     if prompts is not None:
         yield from list(prompts)
     elif interactive:
+        armed = False  # a Ctrl-C at the prompt says how to quit; a second one in a row quits
         while True:
             try:
                 question = input("\n>>> User: ")
+                if question.strip() == '"""':  # a multi-line question, up to a closing """
+                    lines = []
+                    while (line := input("... ")).strip() != '"""':
+                        lines.append(line)
+                    question = "\n".join(lines)
             except EOFError:
                 return
+            except KeyboardInterrupt:
+                if armed:
+                    print()
+                    return
+                armed = True
+                print("\n[Ctrl-C again quits; EXIT too]")
+                continue
+            armed = False
             yield question
     else:
         for line in iter(stdin.readline, ""):

@@ -1,0 +1,122 @@
+"""Concurrent streaming clients against `tuneforge serve`: aggregate generated tokens/s and median
+time to first token, for 1 client and for N at once.
+
+It starts the very command users run (`python -m tuneforge serve MODEL`) unless --url points at
+one already running (a GPU box with a 7B model, say), and talks to it with the official `openai`
+client, one thread per client, each streaming MAX_TOKENS tokens of its own question.
+
+    python benchmarks/bench_serve.py                         # bundled model, CPU: 1 and 8 clients
+    python benchmarks/bench_serve.py --clients 1 8 32 --max-batch 32
+    python benchmarks/bench_serve.py --url http://gpu-box:8000 --clients 1 8 32
+
+The load average is printed with the results: on a shared machine the numbers are only as good
+as the cores the server had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BUNDLED = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _health(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+def _start(model: str, port: int, max_batch: int) -> subprocess.Popen:
+    from tuneforge.models.resolve import resolve_model
+
+    path = str(resolve_model(model))
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", path, "--port", str(port),
+                             "--max-batch", str(max_batch), "--max-queue", "256"], stdout=log, stderr=log)
+    deadline = time.monotonic() + 600
+    while _health(f"http://127.0.0.1:{port}") is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start; see {log.name}")
+        time.sleep(0.5)
+    return proc
+
+
+def _one(client, model: str, i: int, max_tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds to the end, tokens) of one streamed answer."""
+    start = time.monotonic()
+    first, tokens = None, 0
+    stream = client.chat.completions.create(
+        model=model, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
+        # min_tokens does not exist in the API: ask for something long so that every answer runs to the limit
+        messages=[{"role": "user", "content": f"Write a long story about a dragon named number {i}."}])
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.monotonic() - start
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return first or float("nan"), time.monotonic() - start, tokens
+
+
+def run(url: str, clients: int, max_tokens: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key=os.environ.get("OPENAI_API_KEY", "none"),
+                    timeout=3600, max_retries=0)
+    model = client.models.list().data[0].id
+    start = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: _one(client, model, i, max_tokens), range(clients)))
+    wall = time.monotonic() - start
+    tokens = sum(r[2] for r in results)
+    return {"clients": clients, "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 2),
+            "median_ttft_s": round(statistics.median(r[0] for r in results), 2),
+            "completed": sum(r[2] == max_tokens for r in results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a server already running (default: start one here)")
+    parser.add_argument("--model", default=BUNDLED)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    proc = None if args.url else _start(args.model, args.port, args.max_batch)
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    try:
+        run(url, 1, 4)  # warm-up: the first forward pass allocates
+        rows = [run(url, n, args.max_tokens) for n in args.clients]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    load = os.getloadavg()
+    print(f"load average before/after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
+    print(f"{'clients':>8} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'median TTFT s':>14} {'complete':>9}")
+    for r in rows:
+        print(f"{r['clients']:>8} {r['tokens']:>7} {r['wall_s']:>8} {r['tokens_per_s']:>8} "
+              f"{r['median_ttft_s']:>14} {r['completed']:>9}")
+    base = rows[0]
+    for r in rows[1:]:
+        print(f"{r['clients']} clients vs {base['clients']}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tok/s, "
+              f"{r['median_ttft_s'] / base['median_ttft_s']:.2f}x median TTFT")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"load_average": load, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
