@@ -467,11 +467,12 @@ def test_slurm_variables_become_the_rank_layout(monkeypatch):
     from tuneforge.train import parallel
     from tuneforge.train.launch import slurm_environment
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ADDR", "PORT"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1",
-                            SLURM_JOB_NODELIST="gpu[03-05,09]").items():
-        monkeypatch.setenv(name, value)
+    # a copy of the environment, put back afterwards: a world of 8 left behind would make the next
+    # in-process run wait for 7 ranks
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                     "MASTER_PORT", "ADDR", "PORT")})
+    os.environ.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu[03-05,09]")
     slurm_environment()
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == \
         dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="gpu03", MASTER_PORT="29500")
