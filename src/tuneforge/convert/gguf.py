@@ -67,7 +67,7 @@ class Source:
 
     config: dict[str, Any]
     tokenizer: Any
-    template: Template
+    template: Template | None  # None: a model with no chat template (a base model)
     shapes: dict[str, tuple[int, ...]]
     load: Callable[[str], torch.Tensor]
     folders: list[Path]  # searched for a sentencepiece tokenizer.model
@@ -122,6 +122,15 @@ def _weights(model_dir: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Call
         yield shapes, load
 
 
+def _template(folder: Path, tokenizer: Any) -> Template | None:
+    """The template saved with the model, else the tokenizer's own, else None (a base model:
+    its GGUF has no chat template)."""
+    try:
+        return template_for(folder, tokenizer, None)
+    except UserError:
+        return None
+
+
 @contextmanager
 def open_folder(model_dir: str | Path) -> Iterator[Source]:
     """A merged (or any plain HF) model folder as a Source."""
@@ -132,7 +141,7 @@ def open_folder(model_dir: str | Path) -> Iterator[Source]:
     config = _read_json(path / "config.json")
     gguf_arch.architecture_of(config)  # an unsupported model fails before anything is read
     tokenizer = load_tokenizer(path)
-    template = template_for(path, tokenizer, None)
+    template = _template(path, tokenizer)
     merge = path / "tuneforge_merge.json"
     base = _read_json(merge).get("base") if merge.is_file() else None
     with _weights(path) as (shapes, load):
@@ -157,7 +166,7 @@ def open_merged(base: str, adapter: str | Path, trust_remote_code: bool | None =
     model = attach_adapter(model, adapter, base_path).merge_and_unload()
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter if has_tokenizer else base_path, trust)
-    template = load_template(adapter) or template_for(base_path, tokenizer, None)
+    template = load_template(adapter) or _template(base_path, tokenizer)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     yield Source(config, tokenizer, template, {k: tuple(v.shape) for k, v in state.items()},
                  state.__getitem__, [adapter, base_path], adapter.resolve().name, base)

@@ -35,6 +35,8 @@ ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
     internlm2.ARCHITECTURE: gguf.MODEL_ARCH.INTERNLM2,
 }
+_MODEL_TYPES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+                "internlm2": gguf.MODEL_ARCH.INTERNLM2}  # for configs built in memory, with no list
 _PAIRWISE_ROPE = {gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.INTERNLM2}  # llama.cpp's "NORM" rope
 _PERMUTED = {gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K}
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed from rope.freq_base by every reader
@@ -57,8 +59,8 @@ def architecture_of(config: Mapping[str, Any]) -> gguf.MODEL_ARCH:
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
-    if internlm2.is_internlm2(config):
-        return gguf.MODEL_ARCH.INTERNLM2
+    if not names and config.get("model_type") in _MODEL_TYPES:
+        return _MODEL_TYPES[config["model_type"]]
     found = ", ".join(names) or f"model_type {config.get('model_type')!r}"
     raise UserError(f"{found} cannot be written as GGUF by tuneforge; supported: "
                     f"{', '.join(ARCHITECTURES)} (Llama, SmolLM, Qwen2/2.5, InternLM2/2.5)")

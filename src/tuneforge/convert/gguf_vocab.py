@@ -43,7 +43,7 @@ class Vocab:
     ids: dict[str, int]  # bos, eos, eot, unk, pad
     add_bos: bool
     add_eos: bool
-    chat_template: str
+    chat_template: str | None
     pre: str | None = None
     merges: list[str] = field(default_factory=list)
     scores: list[float] | None = None
@@ -72,7 +72,8 @@ class Vocab:
             writer.add_add_space_prefix(self.add_space_prefix)
         if self.remove_extra_whitespaces is not None:
             writer.add_remove_extra_whitespaces(self.remove_extra_whitespaces)
-        writer.add_chat_template(self.chat_template)
+        if self.chat_template:
+            writer.add_chat_template(self.chat_template)
 
 
 def _steps(spec: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
@@ -169,9 +170,9 @@ def _token_table(spec: dict[str, Any], size: int) -> tuple[list[str], list[int]]
     return tokens, types
 
 
-def _special_ids(tokenizer: Any, template: Template) -> dict[str, int]:
+def _special_ids(tokenizer: Any, template: Template | None) -> dict[str, int]:
     vocab = tokenizer.get_vocab()
-    stops = [vocab[w] for w in template.stop_words if w in vocab]
+    stops = [vocab[w] for w in (template.stop_words if template else ()) if w in vocab]
     ids = {"bos": tokenizer.bos_token_id, "eos": stops[0] if stops else tokenizer.eos_token_id,
            "eot": stops[0] if stops else None, "unk": tokenizer.unk_token_id,
            "pad": tokenizer.pad_token_id}
@@ -185,7 +186,7 @@ def adds_special(tokenizer: Any) -> tuple[bool, bool]:
     return bos is not None and ids[:1] == [bos], eos is not None and len(ids) > 1 and ids[-1:] == [eos]
 
 
-def build_vocab(tokenizer: Any, template: Template, vocab_size: int, folders: list[Path]) -> Vocab:
+def build_vocab(tokenizer: Any, template: Template | None, vocab_size: int, folders: list[Path]) -> Vocab:
     """The GGUF vocabulary of a fast TOKENIZER; FOLDERS are searched for a tokenizer.model."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -199,7 +200,7 @@ def build_vocab(tokenizer: Any, template: Template, vocab_size: int, folders: li
     merges = _merge_strings(spec["model"])
     add_bos, add_eos = adds_special(tokenizer)
     common = {"tokens": tokens, "types": types, "ids": _special_ids(tokenizer, template),
-              "add_bos": add_bos, "add_eos": add_eos, "chat_template": template.chat_template}
+              "add_bos": add_bos, "add_eos": add_eos, "chat_template": template.chat_template if template else None}
     if _is_sentencepiece(spec):
         for i, token in enumerate(tokens):
             if types[i] == T.NORMAL and _BYTE_PIECE.match(token):

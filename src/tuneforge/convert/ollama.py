@@ -105,6 +105,9 @@ def convert_ollama(model_dir: str | Path, out: str | Path, quant: str = "q8_0",
     outtype(quant)
     _check_out(out, force)
     with open_source(model_dir, adapter, trust_remote_code) as source:
+        if source.template is None:
+            raise UserError(f"'{model_dir}' has no chat template (a base model?): Ollama needs one to "
+                            "chat; `tuneforge convert gguf` writes its GGUF for completion use")
         chosen = recorded_system(source.folders) if system is None else system
         text, notes = modelfile(source.template, source.tokenizer, chosen, source.name)  # fails fast
         with atomic_directory(out, replace=True) as tmp:
