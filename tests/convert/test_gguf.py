@@ -272,9 +272,15 @@ def test_internlm2_in_the_llama_layout_is_llama_with_a_sentencepiece_vocabulary(
     model.save_pretrained(llama_dir)
     tok = load_tokenizer(internlm2_dir)
     save_tokenizer(tok, llama_dir)
-    out = convert_gguf(llama_dir, tmp_path / "l.gguf", "f32", progress=False).path
+    report = convert_gguf(llama_dir, tmp_path / "l.gguf", "f32", progress=False)
+    assert any("scores derived from the merge order" in n for n in report.notes)  # no tokenizer.model
+    (llama_dir / "tuneforge_merge.json").write_text(json.dumps({"base": str(internlm2_dir)}))
+    report = convert_gguf(llama_dir, tmp_path / "l.gguf", "f32", force=True, progress=False)
+    assert not report.notes  # a merge: the base's tokenizer.model gives sentencepiece's own scores
+    out = report.path
     meta = fields(out)
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "llama"
+    assert meta["general.base_model.0.name"] == str(internlm2_dir)
     back = gguf_tokenizer(out)
     # Text right after a special token is left out: llama.cpp and InternLM2's own tokenizer put ▁ in
     # front of it, transformers' GGUF reader does not (test_gguf_llama_cpp checks llama.cpp's).

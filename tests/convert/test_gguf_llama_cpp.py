@@ -60,11 +60,17 @@ def test_llama_cpp_runs_internlm2_with_the_split_wqkv(internlm2_dir, tmp_path): 
 
 
 def test_llama_cpp_tokenizes_as_the_trained_tokenizer(internlm2_dir, tiny_model_dir, tokenizer, tmp_path):  # noqa: F811
-    from tuneforge.models.load import load_tokenizer
+    """SmolLM2's byte-level BPE, InternLM2's sentencepiece with its own scores, and the same without
+    a tokenizer.model (a Llama-layout folder: scores from the merge order)."""
+    from tuneforge.models.load import load_model, load_tokenizer, save_tokenizer
 
+    sentencepiece = load_tokenizer(internlm2_dir)
+    llama_layout = tmp_path / "llama-layout"
+    load_model(internlm2_dir, torch.device("cpu"), torch.float32).save_pretrained(llama_layout)
+    save_tokenizer(sentencepiece, llama_layout)
     texts = ["<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n", "Please introduce yourself",
              "hello  world\nwho are you?", "Tell me 5 spots, 12 345 and 6.7!"]
-    for folder, tok in ((internlm2_dir, load_tokenizer(internlm2_dir)), (tiny_model_dir, tokenizer)):
+    for folder, tok in ((internlm2_dir, sentencepiece), (llama_layout, sentencepiece), (tiny_model_dir, tokenizer)):
         out = convert_gguf(folder, tmp_path / f"{folder.name}.gguf", "f16", progress=False).path
         llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
         for text in texts:

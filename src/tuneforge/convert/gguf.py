@@ -145,7 +145,21 @@ def open_folder(model_dir: str | Path) -> Iterator[Source]:
     merge = path / "tuneforge_merge.json"
     base = _read_json(merge).get("base") if merge.is_file() else None
     with _weights(path) as (shapes, load):
-        yield Source(config, tokenizer, template, shapes, load, [path], path.resolve().name, base)
+        yield Source(config, tokenizer, template, shapes, load, [path, *_base_folder(base)],
+                     path.resolve().name, base)
+
+
+def _base_folder(base: str | None) -> list[Path]:
+    """The merge's base model folder, where a merged sentencepiece model's tokenizer.model is.
+    Not the bundled model: its vocabulary is BPE, and resolving it may convert its weights."""
+    from tuneforge.models.resolve import BUNDLED_MODEL, resolve_model
+
+    if not base or base == BUNDLED_MODEL:
+        return []
+    try:
+        return [resolve_model(base)]
+    except UserError:
+        return []
 
 
 @contextmanager

@@ -134,16 +134,19 @@ def _sentencepiece_flags(spec: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _scores(tokens: list[str], merges: list[str], folders: list[Path]) -> tuple[list[float], str | None]:
-    """Sentencepiece's own piece scores when a tokenizer.model of the same size is at hand, else
-    scores that rank each piece as the merges do (the first merge that makes it wins)."""
+    """Sentencepiece's own piece scores when a tokenizer.model of the same vocabulary is in one of
+    FOLDERS, else scores that rank each piece as the merges do (the first merge that makes it wins)."""
     import sentencepiece as spm
 
     for folder in folders:
         path = folder / "tokenizer.model"
         if path.is_file():
             sp = spm.SentencePieceProcessor(model_file=str(path))
-            if sp.get_piece_size() <= len(tokens):
-                own = [sp.get_score(i) for i in range(sp.get_piece_size())]
+            size = sp.get_piece_size()
+            # the same vocabulary, a few pieces renamed (as InternLM2's chat tokens are)
+            same = sum(sp.id_to_piece(i) == tokens[i] for i in range(min(size, len(tokens))))
+            if size <= len(tokens) and same >= 0.95 * size:
+                own = [sp.get_score(i) for i in range(size)]
                 return own + [0.0] * (len(tokens) - len(own)), None
     rank: dict[str, int] = {}
     for i, merge in enumerate(merges):
