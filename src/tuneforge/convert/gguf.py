@@ -137,7 +137,13 @@ def open_folder(model_dir: str | Path) -> Iterator[Source]:
     from tuneforge.models.load import load_tokenizer
     from tuneforge.models.resolve import resolve_model
 
-    path = resolve_model(str(model_dir))
+    try:
+        path = resolve_model(str(model_dir))
+    except UserError as err:
+        if Path(model_dir).is_dir():
+            raise
+        raise UserError(f"'{model_dir}' is not a model folder (no such folder, and no model of that "
+                        "name in the HF cache); give the folder `convert merge` wrote") from err
     config = _read_json(path / "config.json")
     gguf_arch.architecture_of(config)  # an unsupported model fails before anything is read
     tokenizer = load_tokenizer(path)
