@@ -104,6 +104,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"[tuneforge] merged model saved to {out}")
 
 
+def cmd_gguf(args: argparse.Namespace) -> None:
+    from tuneforge.convert.gguf import convert_gguf
+
+    report = convert_gguf(args.model_dir, args.out, outtype_name=args.outtype, adapter=args.adapter,
+                          force=args.force, trust_remote_code=args.trust_remote_code)
+    print("\n".join([*(f"[tuneforge] note: {n}" for n in report.notes), f"[tuneforge] {report.summary()}"]))
+
+
+def cmd_ollama(args: argparse.Namespace) -> None:
+    from tuneforge.convert.ollama import convert_ollama
+
+    report = convert_ollama(args.model_dir, args.out_dir, quant=args.quant, adapter=args.adapter,
+                            system=args.system, force=args.force, trust_remote_code=args.trust_remote_code)
+    print("\n".join([*(f"[tuneforge] note: {n}" for n in report.notes), f"[tuneforge] {report.summary()}"]))
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from tuneforge.chat.cli import run_chat
     from tuneforge.models.generate import Sampling
@@ -227,6 +243,28 @@ def _remote_code_option(s: argparse.ArgumentParser) -> None:
                         "InternLM2 never needs it)")
 
 
+def _gguf_parsers(conv: argparse._SubParsersAction) -> None:
+    s = conv.add_parser("gguf", help="a merged model (or base + --adapter) -> one GGUF file for llama.cpp")
+    s.add_argument("model_dir", help="a merged model folder, or the base model with --adapter")
+    s.add_argument("out", help="the .gguf file to write")
+    s.add_argument("--outtype", default="f16", metavar="TYPE",
+                   help="f16 (default), bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 (k-quants: llama-quantize)")
+    s.add_argument("--adapter", help="a PEFT adapter, merged into MODEL_DIR on the fly")
+    s.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    _remote_code_option(s)
+    s.set_defaults(func=cmd_gguf)
+    s = conv.add_parser("ollama", help="a GGUF plus a Modelfile with the trained chat template")
+    s.add_argument("model_dir", help="a merged model folder, or the base model with --adapter")
+    s.add_argument("out_dir", help="the folder for model.gguf and Modelfile")
+    s.add_argument("--quant", default="q8_0", metavar="TYPE", help="as --outtype of convert gguf (default q8_0)")
+    s.add_argument("--adapter", help="a PEFT adapter, merged into MODEL_DIR on the fly")
+    s.add_argument("--system", help="the SYSTEM the model was trained with (default: the one recorded "
+                                    "with it, else none: the template's own default applies)")
+    s.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
+    _remote_code_option(s)
+    s.set_defaults(func=cmd_ollama)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -274,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     s.set_defaults(func=cmd_log_dataset)
 
-    conv = sub.add_parser("convert", help="pth_to_hf | merge").add_subparsers(
+    conv = sub.add_parser("convert", help="pth_to_hf | merge | gguf | ollama").add_subparsers(
         dest="convert_command", required=True, metavar="SUBCOMMAND")
     s = conv.add_parser("pth_to_hf", help="checkpoint -> PEFT adapter (or HF model for full)")
     s.add_argument("config")
@@ -296,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the merge itself runs in fp32)")
     _remote_code_option(s)
     s.set_defaults(func=cmd_merge)
+    _gguf_parsers(conv)
 
     s = sub.add_parser("chat", help="chat with a model (merged, or base + --adapter)")
     s.add_argument("model_name_or_path")
