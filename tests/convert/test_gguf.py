@@ -416,3 +416,26 @@ def test_a_base_model_without_a_chat_template_converts_but_has_no_ollama_templat
     assert "tokenizer.chat_template" not in meta and "tokenizer.ggml.eot_token_id" not in meta
     with pytest.raises(UserError, match="no chat template"):
         convert_ollama(base, tmp_path / "ollama", progress=False)
+
+
+def test_byte_level_pre_tokenizers_get_the_llama_cpp_name_that_splits_alike():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from tuneforge.convert.gguf_vocab import bpe_pre_tokenizer
+
+    def split(regex: str) -> dict:
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+    assert bpe_pre_tokenizer(split(_LLAMA3_SPLIT), [], False) == "llama-bpe"
+    assert bpe_pre_tokenizer(split(PRETOKENIZE_REGEX), [], False) == "qwen2"
+    byte_level = {"type": "ByteLevel", "use_regex": True}
+    assert bpe_pre_tokenizer(byte_level, ["Ġ t"], False) == "smollm"  # no merge joins digits
+    assert bpe_pre_tokenizer(byte_level, ["1 2"], False) == "gpt-2"
+    assert bpe_pre_tokenizer(byte_level, [], True) == "gpt-2"  # it cleans up spaces when decoding
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert bpe_pre_tokenizer(digits, [], False) == "smollm"
+    with pytest.raises(UserError, match=r"pre-tokenizer \(Split, ByteLevel\) is not one llama.cpp"):
+        bpe_pre_tokenizer(split(r"\w+"), [], False)
