@@ -10,6 +10,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -275,8 +276,12 @@ def _non_streaming(live: Live, max_tokens: int) -> http.client.HTTPConnection:
 
 
 @pytest.mark.parametrize("streaming", [True, False])
-def test_a_running_client_that_leaves_frees_its_slot_at_the_next_step(live, jobs, streaming):
+def test_a_running_client_that_leaves_frees_its_slot_at_the_next_step(live, jobs, streaming, monkeypatch):
     worker = live.served.worker
+    # steps slowed to >= 0.1 s, so the stayer's 48 tokens outlast the server's 0.5 s look for a
+    # client that left however fast this machine decodes
+    forward = worker.model.forward
+    monkeypatch.setattr(worker.model, "forward", lambda *a, **k: time.sleep(0.1) or forward(*a, **k))
     gate = Gate(worker)
     try:
         stay_conn, stay = _stream(live, 48)

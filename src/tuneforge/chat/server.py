@@ -33,6 +33,7 @@ BODY_TIMEOUT = 30.0  # seconds to receive a whole body: a client that sends less
 MAX_URL = 8 * 1024  # bytes of path and query
 MAX_HEADERS = 16 * 1024  # bytes of all headers
 PING = 10.0  # seconds between SSE comments, so proxies keep a waiting stream open
+DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its client having gone
 
 
 @dataclass
@@ -122,13 +123,19 @@ class _Stream:
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple]:
         """Each event until every choice has ended. With REQUEST (a client not streaming), a
         disconnect is noticed while waiting and cancels the job."""
+        checked = time.monotonic()
         try:
             while self.open:
                 try:
-                    event = await asyncio.wait_for(self.queue.get(), 0.5)
+                    event = await asyncio.wait_for(self.queue.get(), DISCONNECT_CHECK_S)
                 except TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    event = None
+                # checked on a clock, not only when idle: while tokens flow the queue never times out
+                if request is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 if event[0] == "error":
                     raise event[1]
