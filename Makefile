@@ -33,7 +33,7 @@ browser:
 	  else echo "warning: could not install chromium; the browser test will be skipped"; fi
 
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The GPU path's tests (tests/gpu) on a CUDA machine, with the python there (the lent GPU machine
 # has its own torch and transformers; put the wheels it lacks on PYTHONPATH first, see docs/testing.md).
