@@ -85,7 +85,7 @@ def unsloth_step(row: Row, path: Path, lr: float, seq: int):
     from unsloth import FastLanguageModel  # imported before transformers already (worker)
 
     model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=row.mode == "qlora")
+                                                 load_in_4bit=row.mode == "qlora", load_in_16bit=row.mode == "lora")
     model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth",
                                              random_state=0)
