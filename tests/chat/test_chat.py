@@ -99,13 +99,13 @@ def test_prompts_make_one_conversation_and_old_turns_are_dropped_to_fit(tiny_mod
         kept.append({"role": "user", "content": questions[i]})
         assert asked[i] == kept, [m["content"][:12] for m in asked[i]]
         assert n_tokens(asked[i]) <= limit < n_tokens(kept[:1] + asked[i - 1][1:3] + kept[1:])
-    # each time one line says so, with the sizes: the conversation as asked, and what went
+    # each time one line says so, with the sizes: the conversation as it stood with the new
+    # question (the last one sent, its answer, the question), and what went
     for i in (3, 4):
-        whole = [system] + [m for j in range(i) for m in (
-            {"role": "user", "content": questions[j]}, {"role": "assistant", "content": answers[j]})]
-        whole.append({"role": "user", "content": questions[i]})
+        whole = asked[i - 1] + [{"role": "assistant", "content": answers[i - 1]},
+                                {"role": "user", "content": questions[i]}]
         line = (f"[the prompt is {n_tokens(whole):,} tokens, over the {limit:,} that fit the context: dropped the "
-                f"{2 * (i - 2)} oldest message(s), {n_tokens(whole) - n_tokens(asked[i]):,} tokens in all]")
+                f"2 oldest message(s), {n_tokens(whole) - n_tokens(asked[i]):,} tokens in all]")
         assert line in text.splitlines(), (line, text)
     assert text.count("[the prompt is") == 2
 
