@@ -95,7 +95,11 @@ def measure(args: argparse.Namespace, mode: str | None) -> list[dict]:
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
         run(url, 1, 4)  # warm-up: the first forward pass allocates
-        return [{"mode": mode or "at --url", **run(url, n, args.max_tokens)} for n in args.clients]
+        rows = []
+        for n in args.clients:  # each row as it is measured: a long run on a loaded machine shows progress
+            rows.append({"mode": mode or "at --url", **run(url, n, args.max_tokens)})
+            print(json.dumps(rows[-1]), flush=True)
+        return rows
     finally:
         if proc is not None:
             proc.terminate()
