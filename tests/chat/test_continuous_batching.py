@@ -141,13 +141,12 @@ def test_without_joining_a_newcomer_waits_for_the_batch_to_end(loaded):
 
 
 def test_only_plain_dynamic_caches_are_merged(loaded):
-    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
-
     import torch
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
     llm = loaded[0]
     out = llm(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
-    assert mergeable(out["cache"] if "cache" in out else out.past_key_values)
+    assert mergeable(next(v for k, v in out.items() if k in ("cache", "past_key_values")))
     sliding = DynamicCache()
     sliding.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
     sliding.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)

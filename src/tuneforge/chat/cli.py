@@ -89,12 +89,6 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
     def n_tokens(messages: list[dict]) -> int:
         return len(prompt_ids(tokenizer, template, messages))
 
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
     interactive = stdin.isatty() and not prompts
     base_history = [{"role": "system", "content": system}] if system else []
     history = list(base_history)
@@ -125,13 +119,9 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
         elif not interactive:  # piped input: each line is a question of its own
             history = list(base_history)
             emit(f">>> User: {question}\n")
-        fitted = fit_prompt([*history, {"role": "user", "content": question}], n_tokens, limit,
-                            encode, decode)
-        if (warning := fitted.warning()) is not None:
-            emit(warning + "\n")
-        if not fitted.fits:
+        if (fitted := _fitted(history, question, n_tokens, limit, tokenizer, emit)) is None:
             continue
-        history = fitted.messages
+        history = fitted
         emit(">>> Assistant: ")
         shown.clear()
         try:
@@ -143,6 +133,18 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
             emit(reply)
         emit("\n")
         history.append({"role": "assistant", "content": reply})
+
+
+def _fitted(history: list[dict], question: str, n_tokens: Any, limit: int, tokenizer: Any,
+            emit: Any) -> list[dict] | None:
+    """HISTORY and QUESTION fitted into the context, what that took said in one line; None when
+    even the question cut to nothing does not fit (the system prompt alone is too long)."""
+    fitted = fit_prompt([*history, {"role": "user", "content": question}], n_tokens, limit,
+                        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                        lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    if (warning := fitted.warning()) is not None:
+        emit(warning + "\n")
+    return fitted.messages if fitted.fits else None
 
 
 def _questions(prompts: list[str] | None, interactive: bool, stdin: TextIO) -> Iterator[str]:
