@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch, which this machine has on local disk; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: setup browser demo test test-gpu lint clean
+.PHONY: setup browser demo test test-gpu lint bench-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ test: setup browser
 # No GPU is a failure here, not a skip.
 test-gpu:
 	PYTHONPATH="$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH}" TUNEFORGE_REQUIRE_GPU=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/gpu
+
+# Concurrent streaming clients (1, 8, 32) against `tuneforge serve` on the bundled model, continuous
+# batching and waves side by side; minutes on an idle 2-core machine. Record the table in
+# benchmarks/RESULTS.md with the load average it prints.
+bench-serve: setup
+	nice -n 10 $(BIN)/python benchmarks/bench_serve.py --clients 1 8 32 --json benchmarks/runs/$$(date -u +%F)-serve.json
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks

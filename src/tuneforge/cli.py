@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code)
     template = template_for(template_dir, tokenizer, args.prompt_template)
     worker = Worker(llm, tokenizer, template, max_prompt_tokens=args.max_prompt_tokens,
-                    max_queue=args.max_queue, max_batch=args.max_batch)
+                    max_queue=args.max_queue, max_batch=args.max_batch, join=args.batching == "continuous")
     served = Served(worker, name, None, args.api_key, args.max_tokens, cors_origins=args.cors_origin or [],
                     routes=routes)
     serve(served, args.host, args.port)
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get HTTP 400")
     s.add_argument("--max-batch", type=int, default=8, help="the most rows decoded together in one step")
     s.add_argument("--max-queue", type=int, default=64, help="more waiting requests get HTTP 503 + Retry-After")
+    s.add_argument("--batching", choices=["continuous", "waves"], default="continuous",
+                   help="continuous (default): requests join the running batch at the next step; "
+                        "waves: they wait for it to end (the baseline bench_serve.py compares against)")
     s.add_argument("--cors-origin", action="append",
                    help="let pages from this origin call the API (repeat; none by default)")
     s.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
