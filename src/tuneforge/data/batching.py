@@ -39,8 +39,28 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         ids.append(r.input_ids + [pad_id] * pad)
         labels.append(r.labels + [IGNORE] * pad)
         pos.append(r.position_ids + list(range(pad)))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-            "position_ids": torch.tensor(pos)}
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+    if rows[0].sequence_ids is not None:
+        batch.update(pair_tensors(rows, width))
+    return batch
+
+
+def pair_tensors(rows: list[Row], width: int) -> dict[str, torch.Tensor]:
+    """Preference rows: each token's sequence number over the whole micro-batch (2k chosen, 2k + 1
+    rejected of its k-th pair; -1 for padding), and the reference log-probabilities, if computed."""
+    seq, ref, base = [], [], 0
+    for r in rows:
+        seq.append([base + s for s in r.sequence_ids] + [-1] * (width - len(r)))
+        base += 2 * r.pairs
+        ref += r.reference or []
+    out = {"sequence_ids": torch.tensor(seq)}
+    if rows[0].reference is not None:
+        out["reference_logps"] = torch.tensor(ref, dtype=torch.float32).view(-1, 2)
+    return out
+
+
+def pairs_in(rows: list[Row]) -> int:
+    return sum(r.pairs for r in rows)
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:

@@ -18,6 +18,15 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    # Preference rows only: per token, which of the row's sequences it belongs to (2k: pair k's
+    # chosen answer, 2k + 1: its rejected one), and per sequence the reference model's summed
+    # log-probability of its answer, where it was computed ahead (full fine-tunes).
+    sequence_ids: list[int] | None = None
+    reference: list[float] | None = None
+
+    @property
+    def pairs(self) -> int:
+        return (self.sequence_ids[-1] + 1) // 2 if self.sequence_ids else 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -58,6 +67,14 @@ def assemble(samples: Sequence[Encoded]) -> Row:
         labels += s.labels
         pos += range(len(s.input_ids))
     return Row(ids, labels, pos)
+
+
+def assemble_pairs(sides: Sequence[Encoded], reference: Sequence[float] | None = None) -> Row:
+    """SIDES: chosen, rejected, chosen, rejected, ... Each is its own packed sample (positions
+    restart), so the rejected answer never sees the chosen one, and varlen attention applies."""
+    row = assemble(sides)
+    seq = [k for k, s in enumerate(sides) for _ in s.input_ids]
+    return Row(row.input_ids, row.labels, row.position_ids, seq, list(reference) if reference is not None else None)
 
 
 def pack(samples: list[Encoded], max_length: int) -> list[Row]:
