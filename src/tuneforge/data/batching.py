@@ -29,7 +29,7 @@ def padded_tokens(batches: list[list[Row]]) -> int:
     return sum(len(b) * max(map(len, b)) for b in batches)
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[Row], pad_id: int) -> dict[str, Any]:
     """Right-pad rows to one length. Padding gets its own restarting positions, so it forms a
     separate block that no real token attends to, and labels of -100, so it costs no loss."""
     width = max(len(r) for r in rows)
@@ -45,15 +45,16 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def pair_tensors(rows: list[Row], width: int) -> dict[str, torch.Tensor]:
+def pair_tensors(rows: list[Row], width: int) -> dict[str, Any]:
     """Preference rows: each token's sequence number over the whole micro-batch (2k chosen, 2k + 1
-    rejected of its k-th pair; -1 for padding), and the reference log-probabilities, if computed."""
+    rejected of its k-th pair; -1 for padding), the number of pairs (a plain int: no device sync
+    to read it), and the reference log-probabilities, if computed."""
     seq, ref, base = [], [], 0
     for r in rows:
         seq.append([base + s for s in r.sequence_ids] + [-1] * (width - len(r)))
         base += 2 * r.pairs
         ref += r.reference or []
-    out = {"sequence_ids": torch.tensor(seq)}
+    out: dict[str, Any] = {"sequence_ids": torch.tensor(seq), "pairs": base // 2}
     if rows[0].reference is not None:
         out["reference_logps"] = torch.tensor(ref, dtype=torch.float32).view(-1, 2)
     return out
