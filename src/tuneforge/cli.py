@@ -156,6 +156,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_self_cognition(args: argparse.Namespace) -> None:
     from tuneforge.data.selfcog import write_self_cognition
 
+    if args.pairs:
+        from tuneforge.data.identity_pairs import write_identity_pairs
+        from tuneforge.models.resolve import BUNDLED_MODEL, resolve_model
+
+        n = write_identity_pairs(Path(args.output), resolve_model(args.model or BUNDLED_MODEL), args.name, args.name_en, args.author,
+                                 args.author_en, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                 say=lambda m: print(f"[tuneforge] {m}", file=sys.stderr))
+        print(f"[tuneforge] wrote {n} preference pairs to {args.output} (train them with objective='dpo')")
+        return
     n = write_self_cognition(args.output, args.name, args.name_en, args.author, args.author_en,
                              seed=args.seed)
     print(f"[tuneforge] wrote {n} identity conversations to {args.output}")
@@ -397,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--author-en")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True)
+    s.add_argument("--pairs", action="store_true",
+                   help="write preference pairs instead: the identity answer over the base model's own, and "
+                        "the base model's answers to general prompts over an identity answer")
+    s.add_argument("--model", help="--pairs: the base model that answers (default: the bundled SmolLM2)")
+    s.add_argument("--max-new-tokens", type=int, default=48, help="--pairs: the base model's answer length")
     s.set_defaults(func=cmd_self_cognition)
     s = data.add_parser("replace", help="replace a string in every string value of a jsonl")
     s.add_argument("input")

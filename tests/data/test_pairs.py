@@ -192,3 +192,11 @@ def test_packed_pairs_keep_sides_apart_and_fit(tokenizer, answers, max_length):
         assert labels[0][mine].tolist() == e.labels and batch["input_ids"][0][mine].tolist() == e.input_ids
         assert batch["position_ids"][0][mine].tolist() == list(range(len(e.input_ids)))  # its own sample
     assert ((labels != IGNORE) <= (seq >= 0)).all()  # padding trains nothing
+
+
+@pytest.mark.parametrize("fmt", ["swift", "llamafactory-sharegpt", "trl", "xtuner"])
+def test_sft_refuses_a_pair_record_rather_than_learning_a_side(fmt):
+    from tuneforge.data.formats import to_messages
+
+    with pytest.raises(UserError, match=r"f:1: rejected\w*: a preference pair .*objective='dpo'"):
+        to_messages(OTHERS[fmt], "auto", "f:1")
