@@ -48,15 +48,15 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Any]:
 def pair_tensors(rows: list[Row], width: int) -> dict[str, Any]:
     """Preference rows: each token's sequence number over the whole micro-batch (2k chosen, 2k + 1
     rejected of its k-th pair; -1 for padding), the number of pairs (a plain int: no device sync
-    to read it), and the reference log-probabilities, if computed."""
-    seq, ref, base = [], [], 0
+    to read it), and each pair's number in the data set, where the rows carry them."""
+    seq, ids, base = [], [], 0
     for r in rows:
         seq.append([base + s for s in r.sequence_ids] + [-1] * (width - len(r)))
         base += 2 * r.pairs
-        ref += r.reference or []
+        ids += r.pair_ids or []
     out: dict[str, Any] = {"sequence_ids": torch.tensor(seq), "pairs": base // 2}
-    if rows[0].reference is not None:
-        out["reference_logps"] = torch.tensor(ref, dtype=torch.float32).view(-1, 2)
+    if rows[0].pair_ids is not None:
+        out["pair_ids"] = torch.tensor(ids, dtype=torch.long)
     return out
 
 

@@ -150,19 +150,15 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool 
 @dataclass
 class PairRows(TrainRows):
     """Rows of preference pairs: here a 'sample' is a pair, whose chosen and rejected answers are
-    samples 2i and 2i + 1 of its store, and always share one row. REFERENCE: per used pair, the
-    reference model's summed log-probabilities of (chosen, rejected), once computed."""
-
-    reference: np.ndarray | None = None
+    samples 2i and 2i + 1 of its store, and always share one row. A row's pairs carry their
+    numbers here (in the used pairs' order), by which a precomputed reference is looked up."""
 
     def __getitem__(self, i: int) -> Row:
-        sides, ref = [], []
+        sides = []
         for k in self.groups[i]:
             store, j = self.stores[self.store_of[k]], 2 * int(self.index_of[k])
             sides += [store.sample(j), store.sample(j + 1)]
-            if self.reference is not None:
-                ref += self.reference[k].tolist()
-        return assemble_pairs(sides, ref if self.reference is not None else None)
+        return assemble_pairs(sides, self.groups[i])
 
     def pairs(self) -> int:
         return len(self.store_of)

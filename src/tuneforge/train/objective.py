@@ -101,6 +101,7 @@ class Preference:
         self.needs_reference = self.kind == "dpo"
         self.reference_ahead = self.needs_reference and cfg.method == "full"
         self._sums: torch.Tensor | None = None  # chosen reward, rejected reward, correct, pairs
+        self.table: torch.Tensor | None = None  # a full fine-tune's reference, per pair number
 
     def describe(self) -> str:
         if self.kind == "dpo":
@@ -124,8 +125,9 @@ class Preference:
     def reference(self, model: Any, batch: dict[str, Any], fast: FastPath | None) -> torch.Tensor | None:
         if not self.needs_reference:
             return None
-        if "reference_logps" in batch:
-            return batch["reference_logps"]
+        if self.table is not None:
+            self.table = self.table.to(batch["pair_ids"].device)  # once: then it stays there
+            return self.table[batch["pair_ids"]]
         with torch.no_grad(), adapters_off(model):
             return answer_logps(model, batch, fast)[0]
 
@@ -154,15 +156,16 @@ class Preference:
         path = run.work_dir / REFERENCE_FILE
         key_file = path.with_suffix(".json")
         if path.is_file() and key_file.is_file() and json.loads(key_file.read_text()).get("key") == run.key:
-            rows.reference = np.load(path)
-            run.say(f"reference log-probabilities of {len(rows.reference)} pairs from {path}")
-            return
-        rows.reference = reference_logps(model, rows, run)
-        if run.ranks.main:
-            np.save(path, rows.reference)
-            key_file.write_text(json.dumps({"key": run.key}))
-        parallel.barrier(run.ranks)
-        run.say(f"reference log-probabilities of {len(rows.reference)} pairs computed -> {path}")
+            table = np.load(path)
+            run.say(f"reference log-probabilities of {len(table)} pairs from {path}")
+        else:
+            table = reference_logps(model, rows, run)
+            if run.ranks.main:
+                np.save(path, table)
+                key_file.write_text(json.dumps({"key": run.key}))
+            parallel.barrier(run.ranks)
+            run.say(f"reference log-probabilities of {len(table)} pairs computed -> {path}")
+        self.table = torch.from_numpy(table).float()
 
 
 def reference_logps(model: Any, rows: Any, run: ReferenceRun) -> np.ndarray:
