@@ -11,8 +11,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge.errors import UserError
+
+if TYPE_CHECKING:
+    from tuneforge.config.schema import Config
 
 
 def _quiet_libraries() -> None:
@@ -221,11 +225,19 @@ def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
+def _sft_only(cfg: Config, command: str) -> None:
+    if cfg.preference:
+        raise UserError(f"{command} reads SFT records only so far, and this config trains pairs "
+                        f"(objective={cfg.objective!r}); `tuneforge train` checks every pair line before the "
+                        "model loads (docs/preference.md)")
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     from tuneforge.config import load_config, parse_cfg_options
     from tuneforge.data.inspect import check_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    _sft_only(cfg, "check-dataset")
     if args.skip_bad_lines:
         cfg.skip_bad_lines = True
     report, bad = check_dataset(cfg, *_tokenizer_and_template(cfg))
@@ -239,6 +251,7 @@ def cmd_log_dataset(args: argparse.Namespace) -> None:
     from tuneforge.data.inspect import log_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    _sft_only(cfg, "log-dataset")
     print(log_dataset(cfg, *_tokenizer_and_template(cfg), show=args.show, num=args.num))
 
 

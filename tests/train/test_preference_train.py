@@ -115,3 +115,19 @@ def test_a_full_fine_tune_without_its_cached_reference_computes_it_from_the_base
     train(cfg, work, RunOptions(progress=False, resume=True))
     assert np.allclose(np.load(work / REFERENCE_FILE), cached, atol=1e-9)
     assert log_of(work)[-1]["loss"] == pytest.approx(first[-1]["loss"], abs=1e-6)
+
+
+def test_a_bad_pair_line_stops_tuneforge_train_with_file_and_line(tiny_model_dir, tmp_path):
+    from waits import tuneforge
+
+    data = tiny_pairs(tmp_path)
+    with data.open("a") as f:
+        f.write('{"prompt": "q", "chosen": "a", "rejected": {"text": "b"}}\n')
+    cfg = tmp_path / "c.py"
+    cfg.write_text(f"pretrained_model_name_or_path = {str(tiny_model_dir)!r}\ndata_files = {str(data)!r}\n"
+                   "objective = 'dpo'\nmax_steps = 2\nreplay_general = False\n")
+    proc = tuneforge("train", str(cfg), "--work-dir", str(tmp_path / "w"))
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and "Traceback" not in err and len(err.splitlines()) == 1, proc.stderr
+    assert "tiny_pairs.jsonl:9: rejected: expected the answer as a string or as {\"role\"" in err, err
+    assert not list((tmp_path / "w").glob("iter_*.pth"))

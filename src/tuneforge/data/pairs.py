@@ -95,6 +95,9 @@ def _both(record: dict, where: str, key: str, read: Any) -> tuple[Any, Any]:
 def _answer_text(record: dict, key: str, where: str, role_key: str, text_key: str) -> str:
     """A pair's answer as a string, or as one message object ``{role_key: ..., text_key: ...}``."""
     value = record[key]
+    if isinstance(value, dict) and role_key not in value:
+        raise UserError(f'{where}: {key}: expected the answer as a string or as {{"{role_key}": ..., "{text_key}": ...}}, '
+                        f"got an object with keys {', '.join(map(repr, value)) or 'none'}")
     if isinstance(value, dict):
         msg = _one_message(value, where, key, role_key, text_key, _SHAREGPT_ROLES if role_key == "from" else _ROLES)
         if msg.role != "assistant":
