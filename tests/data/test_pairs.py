@@ -194,9 +194,9 @@ def test_packed_pairs_keep_sides_apart_and_fit(tokenizer, answers, max_length):
     assert ((labels != IGNORE) <= (seq >= 0)).all()  # padding trains nothing
 
 
-@pytest.mark.parametrize("fmt", ["swift", "llamafactory-sharegpt", "trl", "xtuner"])
-def test_sft_refuses_a_pair_record_rather_than_learning_a_side(fmt):
+@pytest.mark.parametrize("record", [OTHERS["swift"], LLAMAFACTORY_SHAREGPT[0], OTHERS["trl"], OTHERS["xtuner"]])
+def test_sft_refuses_a_pair_record_rather_than_learning_a_side(record):
     from tuneforge.data.formats import to_messages
 
     with pytest.raises(UserError, match=r"f:1: rejected\w*: a preference pair .*objective='dpo'"):
-        to_messages(OTHERS[fmt], "auto", "f:1")
+        to_messages(record, "auto", "f:1")

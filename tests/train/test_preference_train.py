@@ -49,6 +49,7 @@ def on_training_pairs(recipe: Recipe) -> dict[str, float]:
     return {"margin": total["margin"] / total["pairs"], "accuracy": total["correct"] / total["pairs"]}
 
 
+@pytest.mark.slow  # minutes on a loaded 2-core machine (the tiny-model tests below cover the loop)
 @pytest.mark.parametrize(("objective", "lr"), [("dpo", 1e-3), ("orpo", 3e-3), ("simpo", 2e-3)])
 def test_a_few_steps_make_the_chosen_answers_win(bundled_path, identity_pairs, tmp_path, objective, lr):
     cfg = tiny_config(bundled_path, identity_pairs, objective=objective, max_steps=6, batch_size=1,
