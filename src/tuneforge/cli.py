@@ -11,8 +11,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge.errors import UserError
+
+if TYPE_CHECKING:
+    from tuneforge.config.schema import Config
 
 
 def _quiet_libraries() -> None:
@@ -156,6 +160,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_self_cognition(args: argparse.Namespace) -> None:
     from tuneforge.data.selfcog import write_self_cognition
 
+    if args.pairs:
+        from tuneforge.data.identity_pairs import write_identity_pairs
+        from tuneforge.models.resolve import BUNDLED_MODEL, resolve_model
+
+        n = write_identity_pairs(Path(args.output), resolve_model(args.model or BUNDLED_MODEL), args.name, args.name_en, args.author,
+                                 args.author_en, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                 say=lambda m: print(f"[tuneforge] {m}", file=sys.stderr))
+        print(f"[tuneforge] wrote {n} preference pairs to {args.output} (train them with objective='dpo')")
+        return
     n = write_self_cognition(args.output, args.name, args.name_en, args.author, args.author_en,
                              seed=args.seed)
     print(f"[tuneforge] wrote {n} identity conversations to {args.output}")
@@ -212,11 +225,19 @@ def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
+def _sft_only(cfg: Config, command: str) -> None:
+    if cfg.preference:
+        raise UserError(f"{command} reads SFT records only so far, and this config trains pairs "
+                        f"(objective={cfg.objective!r}); `tuneforge train` checks every pair line before the "
+                        "model loads (docs/preference.md)")
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     from tuneforge.config import load_config, parse_cfg_options
     from tuneforge.data.inspect import check_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    _sft_only(cfg, "check-dataset")
     if args.skip_bad_lines:
         cfg.skip_bad_lines = True
     report, bad = check_dataset(cfg, *_tokenizer_and_template(cfg))
@@ -230,6 +251,7 @@ def cmd_log_dataset(args: argparse.Namespace) -> None:
     from tuneforge.data.inspect import log_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    _sft_only(cfg, "log-dataset")
     print(log_dataset(cfg, *_tokenizer_and_template(cfg), show=args.show, num=args.num))
 
 
@@ -400,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--author-en")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True)
+    s.add_argument("--pairs", action="store_true",
+                   help="write preference pairs instead: the identity answer over the base model's own, and "
+                        "the base model's answers to general prompts over an identity answer")
+    s.add_argument("--model", help="--pairs: the base model that answers (default: the bundled SmolLM2)")
+    s.add_argument("--max-new-tokens", type=int, default=48, help="--pairs: the base model's answer length")
     s.set_defaults(func=cmd_self_cognition)
     s = data.add_parser("replace", help="replace a string in every string value of a jsonl")
     s.add_argument("input")
