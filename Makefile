@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch, which this machine has on local disk; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: setup browser demo test test-gpu lint clean
+.PHONY: setup browser demo test test-gpu lint bench-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ browser:
 	  else echo "warning: could not install chromium; the browser test will be skipped"; fi
 
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The GPU path's tests (tests/gpu) on a CUDA machine, with the python there (the lent GPU machine
 # has its own torch and transformers; put the wheels it lacks on PYTHONPATH first, see docs/testing.md).
@@ -87,6 +87,12 @@ test: go
 test-gguf: llama-cpp go
 	$(BIN)/python -c "import llama_cpp" && go version
 	$(BIN)/python -m pytest -q $(GGUF_TESTS)
+
+# Concurrent streaming clients (1, 8, 32) against `tuneforge serve` on the bundled model, continuous
+# batching and waves side by side; minutes on an idle 2-core machine. Record the table in
+# benchmarks/RESULTS.md with the load average it prints.
+bench-serve: setup
+	nice -n 10 $(BIN)/python benchmarks/bench_serve.py --clients 1 8 32 --json benchmarks/runs/$$(date -u +%F)-serve.json
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks

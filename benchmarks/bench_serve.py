@@ -1,12 +1,15 @@
 """Concurrent streaming clients against `tuneforge serve`: aggregate generated tokens/s and median
-time to first token, for 1 client and for N at once.
+time to first token, for 1 client and for N at once, with continuous batching and, side by side
+in the same run, the same server batching in waves (`--batching waves`: requests that arrive
+while a batch decodes wait for it to end), the baseline.
 
-It starts the very command users run (`python -m tuneforge serve MODEL`) unless --url points at
-one already running (a GPU box with a 7B model, say), and talks to it with the official `openai`
-client, one thread per client, each streaming MAX_TOKENS tokens of its own question.
+It starts the very command users run (`python -m tuneforge serve MODEL --batching MODE`), one
+mode after the other, unless --url points at one already running (a GPU box with a 7B model,
+say: then only that server is measured), and talks to it with the official `openai` client, one
+thread per client, each streaming MAX_TOKENS tokens of its own question.
 
-    python benchmarks/bench_serve.py                         # bundled model, CPU: 1 and 8 clients
-    python benchmarks/bench_serve.py --clients 1 8 32 --max-batch 32
+    python benchmarks/bench_serve.py                         # bundled model, CPU: 1, 8, 32 clients
+    python benchmarks/bench_serve.py --clients 1 8 --modes continuous
     python benchmarks/bench_serve.py --url http://gpu-box:8000 --clients 1 8 32
 
 The load average is printed with the results: on a shared machine the numbers are only as good
@@ -37,13 +40,14 @@ def _health(url: str) -> dict | None:
         return None
 
 
-def _start(model: str, port: int, max_batch: int) -> subprocess.Popen:
+def _start(model: str, port: int, max_batch: int, mode: str) -> subprocess.Popen:
     from tuneforge.models.resolve import resolve_model
 
     path = str(resolve_model(model))
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_{port}.log", "w")  # noqa: SIM115
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_{port}_{mode}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", path, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "256"], stdout=log, stderr=log)
+                             "--max-batch", str(max_batch), "--max-queue", "256", "--batching", mode],
+                            stdout=log, stderr=log)
     deadline = time.monotonic() + 600
     while _health(f"http://127.0.0.1:{port}") is None:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -85,37 +89,55 @@ def run(url: str, clients: int, max_tokens: int) -> dict:
             "completed": sum(r[2] == max_tokens for r in results)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a server already running (default: start one here)")
-    parser.add_argument("--model", default=BUNDLED)
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
-    proc = None if args.url else _start(args.model, args.port, args.max_batch)
+def measure(args: argparse.Namespace, mode: str | None) -> list[dict]:
+    """Each client count against one server: the one at --url, or one started in MODE."""
+    proc = None if args.url else _start(args.model, args.port, args.max_batch, mode)
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
         run(url, 1, 4)  # warm-up: the first forward pass allocates
-        rows = [run(url, n, args.max_tokens) for n in args.clients]
+        rows = []
+        for n in args.clients:  # each row as it is measured: a long run on a loaded machine shows progress
+            rows.append({"mode": mode or "at --url", **run(url, n, args.max_tokens)})
+            print(json.dumps(rows[-1]), flush=True)
+        return rows
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-    load = os.getloadavg()
-    print(f"load average before/after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
-    print(f"{'clients':>8} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'median TTFT s':>14} {'complete':>9}")
+
+
+def report(rows: list[dict], before: tuple[float, ...], after: tuple[float, ...]) -> None:
+    print(f"load average (1, 5, 15 min) before: {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
+          f"after: {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} on {os.cpu_count()} cores")
+    print(f"{'batching':>10} {'clients':>8} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'median TTFT s':>14} "
+          f"{'complete':>9} {'vs 1 tok/s':>10} {'vs 1 TTFT':>10}")
     for r in rows:
-        print(f"{r['clients']:>8} {r['tokens']:>7} {r['wall_s']:>8} {r['tokens_per_s']:>8} "
-              f"{r['median_ttft_s']:>14} {r['completed']:>9}")
-    base = rows[0]
-    for r in rows[1:]:
-        print(f"{r['clients']} clients vs {base['clients']}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tok/s, "
-              f"{r['median_ttft_s'] / base['median_ttft_s']:.2f}x median TTFT")
+        one = next(o for o in rows if o["mode"] == r["mode"] and o["clients"] == min(
+            x["clients"] for x in rows if x["mode"] == r["mode"]))
+        print(f"{r['mode']:>10} {r['clients']:>8} {r['tokens']:>7} {r['wall_s']:>8} {r['tokens_per_s']:>8} "
+              f"{r['median_ttft_s']:>14} {r['completed']:>9}/{r['clients']:<3}"
+              f"{r['tokens_per_s'] / one['tokens_per_s']:>7.2f}x {r['median_ttft_s'] / one['median_ttft_s']:>9.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a server already running (default: start one here per mode)")
+    parser.add_argument("--model", default=BUNDLED)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--modes", nargs="+", choices=["continuous", "waves"], default=["continuous", "waves"],
+                        help="the server's --batching, each measured in turn (ignored with --url)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    before = os.getloadavg()
+    rows = [r for mode in ([None] if args.url else args.modes) for r in measure(args, mode)]
+    after = os.getloadavg()
+    report(rows, before, after)
     if args.json:
-        Path(args.json).write_text(json.dumps({"load_average": load, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"load_average_before": before, "load_average_after": after,
+                                               "args": vars(args), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -322,9 +322,12 @@ def write_results(rows: list[dict], meta: dict, check: dict | None, out: Path) -
         b = base.get((r["mode"], r["workload"]))
         r["vs_baseline"] = round(r["tokens_per_s"] / b, 2) if b else None
         runs.append(r)
-    payload = {"meta": meta, "runs": runs, "loss_check": check}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    path = out / "results.json"
+    # other benchmarks' keys in the same file (bench_side_by_side.py's) are kept
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload.update({"meta": meta, "runs": runs, "loss_check": check})
+    path.write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"Measured {meta['date']} on {meta['gpu']} (bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s "
              f"measured in the same run), model shape {meta['shape']}"
              f"{' with ' + str(meta['layers']) + ' layers' if meta['layers'] else ''}, "

@@ -167,6 +167,7 @@ RUN_PATCHED = """
 import sys, time
 from tuneforge import cli
 cli._quiet_libraries()
+import tuneforge.train.objective as objective
 import tuneforge.train.recipe as recipe
 import tuneforge.train.stop as stop
 from tuneforge.train.checkpoint import Checkpoint
@@ -189,13 +190,13 @@ sys.exit(cli.main())
 
 # step 5's second micro-batch is the 10th call of the loss
 HOLD_STEP_5 = """
-_loss, _calls = recipe.loss_sum, [0]
+_loss, _calls = objective.loss_sum, [0]
 def loss_sum(*args):
     _calls[0] += 1
     if _calls[0] == 10:
         hold("step 5", UNTIL)
     return _loss(*args)
-recipe.loss_sum = loss_sum
+objective.loss_sum = loss_sum  # the SFT objective's loss
 """
 
 # the checkpoint of step 5 is held while torch.save pickles it (its temporary file open)

@@ -11,8 +11,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge.errors import UserError
+
+if TYPE_CHECKING:
+    from tuneforge.config.schema import Config
 
 
 def _quiet_libraries() -> None:
@@ -147,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code)
     template = template_for(template_dir, tokenizer, args.prompt_template)
     worker = Worker(llm, tokenizer, template, max_prompt_tokens=args.max_prompt_tokens,
-                    max_queue=args.max_queue, max_batch=args.max_batch)
+                    max_queue=args.max_queue, max_batch=args.max_batch, join=args.batching == "continuous")
     served = Served(worker, name, None, args.api_key, args.max_tokens, cors_origins=args.cors_origin or [],
                     routes=routes)
     serve(served, args.host, args.port)
@@ -156,6 +160,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_self_cognition(args: argparse.Namespace) -> None:
     from tuneforge.data.selfcog import write_self_cognition
 
+    if args.pairs:
+        from tuneforge.data.identity_pairs import write_identity_pairs
+        from tuneforge.models.resolve import BUNDLED_MODEL, resolve_model
+
+        n = write_identity_pairs(Path(args.output), resolve_model(args.model or BUNDLED_MODEL), args.name, args.name_en, args.author,
+                                 args.author_en, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                 say=lambda m: print(f"[tuneforge] {m}", file=sys.stderr))
+        print(f"[tuneforge] wrote {n} preference pairs to {args.output} (train them with objective='dpo')")
+        return
     n = write_self_cognition(args.output, args.name, args.name_en, args.author, args.author_en,
                              seed=args.seed)
     print(f"[tuneforge] wrote {n} identity conversations to {args.output}")
@@ -212,11 +225,19 @@ def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
+def _sft_only(cfg: Config, command: str) -> None:
+    if cfg.preference:
+        raise UserError(f"{command} reads SFT records only so far, and this config trains pairs "
+                        f"(objective={cfg.objective!r}); `tuneforge train` checks every pair line before the "
+                        "model loads (docs/preference.md)")
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     from tuneforge.config import load_config, parse_cfg_options
     from tuneforge.data.inspect import check_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    _sft_only(cfg, "check-dataset")
     if args.skip_bad_lines:
         cfg.skip_bad_lines = True
     report, bad = check_dataset(cfg, *_tokenizer_and_template(cfg))
@@ -230,6 +251,7 @@ def cmd_log_dataset(args: argparse.Namespace) -> None:
     from tuneforge.data.inspect import log_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    _sft_only(cfg, "log-dataset")
     print(log_dataset(cfg, *_tokenizer_and_template(cfg), show=args.show, num=args.num))
 
 
@@ -366,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get HTTP 400")
     s.add_argument("--max-batch", type=int, default=8, help="the most rows decoded together in one step")
     s.add_argument("--max-queue", type=int, default=64, help="more waiting requests get HTTP 503 + Retry-After")
+    s.add_argument("--batching", choices=["continuous", "waves"], default="continuous",
+                   help="continuous (default): requests join the running batch at the next step; "
+                        "waves: they wait for it to end (the baseline bench_serve.py compares against)")
     s.add_argument("--cors-origin", action="append",
                    help="let pages from this origin call the API (repeat; none by default)")
     s.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
@@ -397,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--author-en")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True)
+    s.add_argument("--pairs", action="store_true",
+                   help="write preference pairs instead: the identity answer over the base model's own, and "
+                        "the base model's answers to general prompts over an identity answer")
+    s.add_argument("--model", help="--pairs: the base model that answers (default: the bundled SmolLM2)")
+    s.add_argument("--max-new-tokens", type=int, default=48, help="--pairs: the base model's answer length")
     s.set_defaults(func=cmd_self_cognition)
     s = data.add_parser("replace", help="replace a string in every string value of a jsonl")
     s.add_argument("input")

@@ -99,11 +99,19 @@ def test_prompts_make_one_conversation_and_old_turns_are_dropped_to_fit(tiny_mod
         kept.append({"role": "user", "content": questions[i]})
         assert asked[i] == kept, [m["content"][:12] for m in asked[i]]
         assert n_tokens(asked[i]) <= limit < n_tokens(kept[:1] + asked[i - 1][1:3] + kept[1:])
-    assert text.count("[2 old message(s) dropped to fit the context]") == 2
+    # each time one line says so, with the sizes: the conversation as it stood with the new
+    # question (the last one sent, its answer, the question), and what went
+    for i in (3, 4):
+        whole = asked[i - 1] + [{"role": "assistant", "content": answers[i - 1]},
+                                {"role": "user", "content": questions[i]}]
+        line = (f"[the prompt is {n_tokens(whole):,} tokens, over the {limit:,} that fit the context: dropped the "
+                f"2 oldest message(s), {n_tokens(whole) - n_tokens(asked[i]):,} tokens in all]")
+        assert line in text.splitlines(), (line, text)
+    assert text.count("[the prompt is") == 2
 
 
 def test_fit_history_keeps_system_and_last_question():
-    from tuneforge.chat.cli import fit_history
+    from tuneforge.chat.context import fit_history
 
     history = [{"role": "system", "content": "s"}]
     for i in range(5):
@@ -112,6 +120,40 @@ def test_fit_history_keeps_system_and_last_question():
     fitted = fit_history(history, len, 4)  # "tokens" = messages here
     assert [m["content"] for m in fitted] == ["s", "q4", "a4", "last"]
     assert [m["content"] for m in fit_history(history, len, 1)] == ["s", "last"]
+
+
+def test_a_question_over_the_context_loses_its_start_and_says_how_many_tokens(tiny_model_dir, tokenizer, asked):
+    import re
+
+    window = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    limit = window - 3
+    question = "Here is a text. " + "The river runs to the sea. " * 150 + "What does the river do?"
+    out = io.StringIO()
+    run_chat(str(tiny_model_dir), sampling=Sampling(max_new_tokens=3), stdout=out, prompts=[question, "And?"])
+    template = get_template("auto", tokenizer)
+    n_tokens = lambda messages: len(prompt_ids(tokenizer, template, messages))  # noqa: E731
+    full = n_tokens([{"role": "user", "content": question}])
+    assert full > limit
+    sent = asked[0][-1]["content"]
+    assert len(asked) == 2 and sent.endswith("What does the river do?") and len(sent) < len(question)
+    assert limit - 3 <= n_tokens(asked[0]) <= limit  # only as much cut as needed
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("[the prompt is"))
+    m = re.fullmatch(r"\[the prompt is ([\d,]+) tokens, over the ([\d,]+) that fit the context: cut the first "
+                     r"([\d,]+) tokens of your question, ([\d,]+) tokens in all\]", line)
+    assert m, line
+    said, fit, cut, gone = (int(g.replace(",", "")) for g in m.groups())
+    assert (said, fit, gone) == (full, limit, full - n_tokens(asked[0]))
+    ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[cut:], skip_special_tokens=True) == sent  # the number is what was cut
+    # the next turn: the long question goes as an old message, the new one is asked whole
+    assert asked[1][-1] == {"role": "user", "content": "And?"} and n_tokens(asked[1]) <= limit
+
+
+def test_a_system_prompt_over_the_context_refuses_the_turn(tiny_model_dir, asked):
+    out = io.StringIO()
+    run_chat(str(tiny_model_dir), system="Be brief. " * 400, sampling=Sampling(max_new_tokens=3), stdout=out,
+             prompts=["hi"])
+    assert asked == [] and "the system prompt alone is over the" in out.getvalue()
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(tiny_model_dir, monkeypatch):

@@ -234,7 +234,7 @@ def test_a_full_queue_answers_503_with_retry_after(live, monkeypatch):
 
 class Gate:
     """A job that holds the worker at its start until opened: requests sent meanwhile queue up,
-    and the next wave takes them together."""
+    and start together when it opens (the gate's one token ends it; they join at that step)."""
 
     def __init__(self, worker: Worker) -> None:
         self.opened = threading.Event()

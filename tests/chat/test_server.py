@@ -78,6 +78,7 @@ def server(bundled_path, adapter_dir):
 class Generation:
     question: str  # the last user message
     messages: list[dict]
+    params: Any = None  # the job's sampling settings
     text: str = ""  # the pieces so far
     held: bool = False
     release: threading.Event = field(default_factory=threading.Event)
@@ -100,7 +101,7 @@ class Spy:
     def __call__(self, job, event) -> None:
         kind = event[0]
         if kind == "start":
-            gen = Generation(job.question, [dict(m) for m in job.messages or []])
+            gen = Generation(job.question, [dict(m) for m in job.messages or []], job.params)
             with self.lock:
                 self.by_job[id(job)] = gen
                 self.generations.append(gen)
@@ -364,6 +365,7 @@ def test_the_page_streams_an_answer_and_compares_with_the_base(server, spy):
         wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
         browser.find_element(By.ID, "compare").click()
         assert len(browser.find_elements(By.CSS_SELECTOR, ".column")) == 2
+        browser.find_element(By.CSS_SELECTOR, "#settings summary").click()  # the system prompt is in the settings
         browser.find_element(By.ID, "system").send_keys("You are a helpful assistant.")
         spy.hold = True
         browser.find_element(By.ID, "input").send_keys("Who are you?\n")
@@ -497,5 +499,101 @@ def test_the_page_stops_an_answer_sends_again_and_fits_a_phone(server, spy):
         assert width <= inner, (width, inner)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "chat_page_390px.png"))
+    finally:
+        browser.quit()
+
+
+def _open_page(browser, server) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/health")
+    browser.execute_script(f"sessionStorage.setItem('tuneforge-key', '{KEY}')")
+    browser.get(server.url + "/")
+    wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
+
+
+def test_the_page_renders_markdown_and_code_safely(server, spy):
+    """An answer's markdown shows rendered as it streams: a fenced block as highlighted code with
+    a copy button, `code` inline; and no HTML in an answer ever becomes markup."""
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    browser = _browser()
+    try:
+        _open_page(browser, server)
+        browser.execute_cdp_cmd("Browser.grantPermissions", {"origin": server.url,
+                                "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+        browser.find_element(By.ID, "compare").click()  # the base writes a fenced block for this (greedy)
+        browser.find_element(By.ID, "input").send_keys("Write a Python function that adds two numbers.\n")
+        wait_for(lambda: _done(browser) == 2, 300, "both answers to finish")
+        fenced = [(g, re.search(r"```(\w*)\n(.*?)\n```", g.reply.text, re.S)) for g in spy.generations]
+        fenced = [(g, m) for g, m in fenced if m]
+        assert fenced, [g.reply.text for g in spy.generations]  # the model's greedy answer has a code block
+        bubbles = browser.find_elements(By.CSS_SELECTOR, ".assistant")
+        for gen, m in fenced:
+            bubble = bubbles[spy.generations.index(gen)]
+            code = bubble.find_element(By.CSS_SELECTOR, ".codeblock pre code")
+            assert code.get_attribute("textContent") == m.group(2)
+            assert code.get_attribute("class") == f"language-{m.group(1)}" if m.group(1) else True
+            keywords = [k.text for k in code.find_elements(By.CSS_SELECTOR, ".tok-kw")]
+            assert "def" in keywords and "return" in keywords, keywords
+            assert "```" not in bubble.text, bubble.text
+            outside = gen.reply.text[:m.start()] + gen.reply.text[m.end():]
+            for span in re.findall(r"`([^`\n]+)`", outside):  # inline code, outside the block
+                assert span in [c.text for c in bubble.find_elements(By.CSS_SELECTOR, ":not(pre) > code")], span
+            bubble.find_element(By.CSS_SELECTOR, ".codeblock button.copy").click()
+            wait_for(lambda b=bubble: b.find_element(By.CSS_SELECTOR, "button.copy").text == "Copied", 30, "Copied")
+            copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0])")
+            assert copied == m.group(2)
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "chat_page_markdown.png"))
+        # what an answer could contain to attack the page, through the same renderer
+        hostile = ('<img src=x onerror="window.pwned=1"> **bold** [x](javascript:window.pwned=3) '
+                   '<script>window.pwned=2</script>\n\n```html\n<b onmouseover=alert(1)>hi</b>\n```\n'
+                   '- [ok](https://example.org/a?b=1)')
+        shown = browser.execute_script("""
+            const d = document.createElement("div");
+            document.body.appendChild(renderMarkdown(arguments[0], d));
+            return {markup: d.querySelectorAll("img, script, b, [onerror], [onmouseover]").length,
+                    links: [...d.querySelectorAll("a")].map((a) => [a.getAttribute("href"), a.rel]),
+                    bold: d.querySelector("strong").textContent, text: d.textContent,
+                    pwned: window.pwned === undefined ? null : window.pwned};""", hostile)
+        assert shown["markup"] == 0 and shown["pwned"] is None, shown
+        assert shown["links"] == [["https://example.org/a?b=1", "noopener noreferrer nofollow"]], shown
+        assert shown["bold"] == "bold" and '<img src=x onerror="window.pwned=1">' in shown["text"], shown
+        assert "<b onmouseover=alert(1)>hi</b>" in shown["text"], shown
+    finally:
+        browser.quit()
+
+
+def test_the_page_sends_its_sampling_settings(server, spy):
+    """The collapsible settings: temperature, top_p, max tokens and the system prompt reach the
+    server with the question."""
+    from selenium.webdriver.common.by import By
+
+    browser = _browser()
+    try:
+        _open_page(browser, server)
+        assert not browser.find_element(By.ID, "temperature").is_displayed()  # folded away at first
+        browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        for field, value in (("temperature", "0.8"), ("top_p", "0.9"), ("max_tokens", "5")):
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element(By.ID, "system").send_keys("Answer in one word.")
+        summary = browser.find_element(By.ID, "summary").text
+        assert summary == "(temperature 0.8, top_p 0.9, 5 tokens, system prompt)", summary
+        browser.find_element(By.ID, "input").send_keys("What colour is the sky?\n")
+        wait_for(lambda: _done(browser) == 1, 180, "the answer")
+        gen = spy.generations[0]
+        p = gen.params
+        assert (p.temperature, p.top_p, p.max_tokens) == (0.8, 0.9, 5), p
+        assert gen.messages[0] == {"role": "system", "content": "Answer in one word."}
+        assert 0 < gen.reply.completion_tokens <= 5
+        browser.find_element(By.ID, "max_tokens").clear()  # empty: the server's own default
+        browser.find_element(By.ID, "input").send_keys("And the grass?\n")
+        wait_for(lambda: _done(browser) == 2, 180, "the second answer")
+        assert spy.generations[1].params.max_tokens == server.served.max_tokens
     finally:
         browser.quit()

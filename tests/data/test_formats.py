@@ -168,7 +168,7 @@ def test_ms_swift_bad_records_are_named(tmp_path, rec, expected):
 
 
 KTO_REFUSAL = ("d.json:[1]: label: a KTO record (each answer labelled good or bad); tuneforge has no KTO "
-               "or preference training yet, and a label: false answer would be learned as a good one; "
+               "training (DPO, ORPO, SimPO train on pairs), and a label: false answer would be learned as a good one; "
                "to train the good answers as plain examples, drop the label: false records and the "
                "label field")
 

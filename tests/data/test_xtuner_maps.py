@@ -275,5 +275,5 @@ def test_refused_names_say_why_and_what_to_do(name, why):
     assert not set(REFUSED) & set(MAP_FNS)
 
 
-def test_preference_refusal_points_to_issue_21():
-    assert REFUSED["dpo_map_fn"].startswith("preference pairs") and "issue 21" in REFUSED["dpo_map_fn"]
+def test_preference_refusal_points_to_the_preference_objectives():
+    assert REFUSED["dpo_map_fn"].startswith("preference pairs") and "objective='dpo'" in REFUSED["dpo_map_fn"]

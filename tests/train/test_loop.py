@@ -85,7 +85,7 @@ def test_missing_data_file_is_named(tiny_model_dir, tmp_path):
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_model_dir, identity_data, tmp_path, monkeypatch):
-    import tuneforge.train.recipe as loop
+    import tuneforge.train.objective as loop  # the SFT objective's loss
 
     real = loop.loss_sum
     calls = {"n": 0}
@@ -105,7 +105,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_model_dir, ident
 
 
 def test_repeated_non_finite_losses_stop_with_a_clear_message(tiny_model_dir, identity_data, tmp_path, monkeypatch):
-    import tuneforge.train.recipe as loop
+    import tuneforge.train.objective as loop
 
     monkeypatch.setattr(loop, "loss_sum", lambda model, batch, *rest: torch.nn.functional.cross_entropy(
         torch.full((1, 3), float("nan"), requires_grad=True), torch.tensor([0]), reduction="sum"))

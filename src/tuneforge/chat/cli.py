@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import torch
 
+from tuneforge.chat.context import fit_prompt
 from tuneforge.data.templates import template_for
 from tuneforge.errors import UserError
 from tuneforge.models.generate import Sampling, generate, prompt_ids
@@ -71,18 +72,6 @@ def load_for_serving(model: str, name: str, adapters: list[str], bits: int | Non
     return llm, tokenizer, template_dir, routes
 
 
-def fit_history(history: list[dict], n_tokens: Any, limit: int) -> list[dict]:
-    """Drop the oldest exchanges (never the system prompt or the last question) until
-    N_TOKENS(history) fits LIMIT."""
-    history = list(history)
-    first = 1 if history and history[0]["role"] == "system" else 0
-    while n_tokens(history) > limit and len(history) - first > 1:
-        # a question goes with its answer
-        drop = 2 if history[first]["role"] == "user" and len(history) - first > 2 else 1
-        del history[first:first + drop]
-    return history
-
-
 def run_chat(model: str, adapter: str | None = None, prompt_template: str | None = None,
              system: str = "", sampling: Sampling | None = None, stream: bool = True,
              stdin: TextIO | None = None, stdout: TextIO | None = None,
@@ -130,11 +119,9 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
         elif not interactive:  # piped input: each line is a question of its own
             history = list(base_history)
             emit(f">>> User: {question}\n")
-        history.append({"role": "user", "content": question})
-        trimmed = fit_history(history, n_tokens, limit)
-        if len(trimmed) < len(history):
-            emit(f"[{len(history) - len(trimmed)} old message(s) dropped to fit the context]\n")
-            history = trimmed
+        if (fitted := _fitted(history, question, n_tokens, limit, tokenizer, emit)) is None:
+            continue
+        history = fitted
         emit(">>> Assistant: ")
         shown.clear()
         try:
@@ -146,6 +133,18 @@ def run_chat(model: str, adapter: str | None = None, prompt_template: str | None
             emit(reply)
         emit("\n")
         history.append({"role": "assistant", "content": reply})
+
+
+def _fitted(history: list[dict], question: str, n_tokens: Any, limit: int, tokenizer: Any,
+            emit: Any) -> list[dict] | None:
+    """HISTORY and QUESTION fitted into the context, what that took said in one line; None when
+    even the question cut to nothing does not fit (the system prompt alone is too long)."""
+    fitted = fit_prompt([*history, {"role": "user", "content": question}], n_tokens, limit,
+                        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                        lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    if (warning := fitted.warning()) is not None:
+        emit(warning + "\n")
+    return fitted.messages if fitted.fits else None
 
 
 def _questions(prompts: list[str] | None, interactive: bool, stdin: TextIO) -> Iterator[str]:

@@ -1,10 +1,19 @@
 """One model, many requests: requests wait in a queue and one thread decodes them in batches.
 
-Each wave takes the requests waiting (those on the same adapter, up to ``max_batch`` rows: a
+A batch starts with the requests waiting (those on the same adapter, up to ``max_batch`` rows: a
 request with ``n`` choices is ``n`` rows) and decodes them together, one token per row per step,
-left-padded, on one KV cache. A row that ends (stop token, stop text, its limit) or whose client
-has gone leaves the cache at the next step, so the batch only ever holds live work; a queued
-request whose client is gone never runs. Requests that arrive during a wave wait for the next.
+left-padded, on one KV cache. Continuous batching: between two steps, requests that have arrived
+on the batch's adapter join it (they are prefilled together, and their cache rows are merged
+into the running cache, both sides left-padded to one width), so a newcomer waits for one step
+and its own prefill, not for the longest answer in the batch. A row that ends (stop token, stop
+text, its limit) or whose client has gone leaves the cache at the next step, so the batch only
+ever holds live work; a queued request whose client is gone never runs.
+
+With ``join=False`` the worker batches in waves instead (requests that arrive while a batch
+decodes wait for it to end): the baseline that benchmarks/bench_serve.py compares against, and
+what any model whose cache is not a plain ``DynamicCache`` gets (sliding-window or linear
+attention layers, a remote-code model's own cache), since only plain key/value rows can be
+padded and stacked.
 
 The decoding loop is our own rather than ``model.generate``: per-row sampling settings (seed,
 logit bias, presence and frequency penalties, stop texts, log-probabilities) are what the OpenAI
@@ -23,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from tuneforge.chat.api import ApiError
 from tuneforge.data.templates import Template, stop_token_ids
@@ -178,20 +188,86 @@ class _Row:
                        reason))
 
 
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """T with zeros before it along DIM, to WIDTH."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def mergeable(cache: Any) -> bool:
+    """Whether CACHE's rows can be padded and stacked with another's: every layer a plain
+    ``DynamicLayer`` of [batch, heads, seq, dim] keys and values (a sliding-window layer keeps a
+    window per row and counts tokens for the whole batch; a linear-attention layer has no rows
+    of positions to pad)."""
+    return isinstance(cache, DynamicCache) and bool(cache.layers) and all(
+        type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+
+
+@dataclass
+class _Batch:
+    """The rows decoding together: their KV cache, attention mask (0 = left padding), the
+    position of each row's next token, and the logits each row chooses its next token from."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    nxt: torch.Tensor
+    logits: torch.Tensor
+
+    def keep(self, keep: list[int]) -> None:
+        """Only rows KEEP stay (in the cache too); padding no row needs any more is dropped."""
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.nxt, self.logits = self.mask[index], self.nxt[index], self.logits[index]
+            self.rows = [self.rows[i] for i in keep]
+        if self.rows and mergeable(self.cache):
+            unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+            if unused:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+                self.mask = self.mask[:, unused:]
+
+    def merge(self, other: _Batch) -> None:
+        """OTHER's rows join these, after them. Both caches are left-padded to the wider one, so
+        every row's tokens stay in order and end at the last column; the masks hide the padding
+        and the positions are each row's own, so a row attends to exactly what it did alone."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.nxt = torch.cat([self.nxt, other.nxt])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows += other.rows
+
+
 class Worker:
     def __init__(self, model: Any, tokenizer: Any, template: Template, max_prompt_tokens: int,
-                 max_queue: int = 64, max_batch: int = 8) -> None:
+                 max_queue: int = 64, max_batch: int = 8, join: bool = True) -> None:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_prompt_tokens, self.max_queue, self.max_batch = max_prompt_tokens, max_queue, max_batch
+        self.join = join  # False: waves (requests arriving during a batch wait for it to end)
         self.stop_ids = set(stop_token_ids(template, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids, default=0)
         self.waiting: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
         self.tokenize_lock = threading.Lock()  # tokenizers are not safe across threads
         self.stats = Stats()
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.device = next(model.parameters()).device
         # transformers 5 renamed past_key_values to cache; older and remote-code models keep the old name
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        params = inspect.signature(base.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # a prefill needs the logits of each row's last position only, not a vocabulary's worth for
+        # every prompt token (8 prompts of 40 tokens: 63 MB; and the vocabulary projection is about
+        # a fifth of SmolLM2-135M's multiply-adds per token, counted from its shapes)
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         threading.Thread(target=self._serve, name="tuneforge-generate", daemon=True).start()
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
@@ -247,13 +323,25 @@ class Worker:
             self.waiting = rest
             return wave
 
+    def _take_joiners(self, adapter: str | None, free: int) -> list[Job]:
+        """Requests that join a running batch on ADAPTER with FREE rows left: from the front of
+        the queue, in order, as long as they fit. A request on another adapter at the front stops
+        the joining, so the batch drains and that request goes next (no adapter starves)."""
+        joiners: list[Job] = []
+        with self.cond:
+            self._drop_cancelled()
+            while self.waiting and self.waiting[0].adapter == adapter and self.waiting[0].n <= free:
+                joiners.append(self.waiting.popleft())
+                free -= joiners[-1].n
+        return joiners
+
     def _serve(self) -> None:
         while True:
-            wave = self._take_wave()
+            jobs = self._take_wave()
             try:
-                self._run(wave)
+                self._run(jobs)
             except Exception as err:  # noqa: BLE001 - reported to those clients; the server keeps serving
-                for job in wave:
+                for job in jobs:
                     job.emit(("error", err))
             finally:
                 self.stats.running = 0
@@ -268,44 +356,66 @@ class Worker:
     def _cache(self, out: Any) -> Any:
         return out["cache"] if self.cache_arg == "cache" else out.past_key_values
 
-    def _run(self, wave: list[Job]) -> None:
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        rows = [_Row(job, i, self.tokenizer, self.stop_ids, vocab) for job in wave for i in range(job.n)]
-        for job in wave:
+    def _prefill(self, jobs: list[Job]) -> _Batch:
+        """JOBS' prompts through the model together, left-padded: a batch ready to choose each
+        row's first token."""
+        rows = [_Row(job, i, self.tokenizer, self.stop_ids, self.vocab) for job in jobs for i in range(job.n)]
+        for job in jobs:
             job.emit(("start",))
-        device = next(self.model.parameters()).device
+        width = max(len(r.job.prompt) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.job.prompt)) + r.job.prompt for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.job.prompt)) + [1] * len(r.job.prompt) for r in rows])
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self.last_logits)
+        return _Batch(rows, self._cache(out), mask, pos[:, -1] + 1, out.logits[:, -1, :].float().cpu())
+
+    def _step(self, batch: _Batch, tokens: list[int]) -> None:
+        """Each row's chosen token through the model: the logits for the next."""
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        step = torch.tensor([[t] for t in tokens], device=self.device)
+        out = self.model(input_ids=step, attention_mask=batch.mask, position_ids=batch.nxt[:, None],
+                         use_cache=True, **{self.cache_arg: batch.cache})
+        batch.cache, batch.nxt = self._cache(out), batch.nxt + 1
+        batch.logits = out.logits[:, -1, :].float().cpu()
+
+    def _choose(self, batch: _Batch) -> list[int]:
+        """Each row's next token, taken by its row (which emits text or ends); the rows that
+        ended or whose client has gone leave the batch, and the tokens of those that stay."""
+        rows = batch.rows
+        self.stats.running = len(rows)
+        self.stats.batch_sizes.append(len(rows))
+        tokens = [r.choose(batch.logits[i]) for i, r in enumerate(rows)]
+        for r, t in zip(rows, tokens, strict=True):
+            r.push(t)
+            if not r.done and r.job.cancelled.is_set():
+                r.cancel()
+        self.stats.generated += len(rows)
+        keep = [i for i, r in enumerate(rows) if not r.done]
+        batch.keep(keep)
+        return [tokens[i] for i in keep]
+
+    def _run(self, jobs: list[Job]) -> None:
+        """Decode JOBS, and (joining) those that arrive meanwhile on the same adapter, until no row
+        is left. JOBS grows with each joiner, so an error reaches every client in the batch."""
+        adapter = jobs[0].adapter
         self.model.eval()
         started = time.monotonic()
-        with self._adapter(wave[0].adapter), torch.no_grad(), autocast_for(self.model):
-            width = max(len(r.job.prompt) for r in rows)
-            ids = torch.tensor([[self.pad_id] * (width - len(r.job.prompt)) + r.job.prompt for r in rows])
-            mask = torch.tensor([[0] * (width - len(r.job.prompt)) + [1] * len(r.job.prompt) for r in rows])
-            ids, mask = ids.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            cache, nxt = self._cache(out), pos[:, -1] + 1
-            logits = out.logits[:, -1, :].float().cpu()
-            while rows:
-                self.stats.running = len(rows)
-                self.stats.batch_sizes.append(len(rows))
-                tokens = [r.choose(logits[i]) for i, r in enumerate(rows)]
-                for r, t in zip(rows, tokens, strict=True):
-                    r.push(t)
-                    if not r.done and r.job.cancelled.is_set():
-                        r.cancel()
-                self.stats.generated += len(rows)
-                keep = [i for i, r in enumerate(rows) if not r.done]
-                if not keep:
+        with self._adapter(adapter), torch.no_grad(), autocast_for(self.model):
+            batch = self._prefill(jobs)
+            while True:
+                tokens = self._choose(batch)
+                if batch.rows:
+                    self._step(batch, tokens)
+                joinable = self.join and (not batch.rows or mergeable(batch.cache))
+                joiners = self._take_joiners(adapter, self.max_batch - len(batch.rows)) if joinable else []
+                if joiners:
+                    jobs += joiners
+                    newcomers = self._prefill(joiners)
+                    if batch.rows:
+                        batch.merge(newcomers)
+                    else:
+                        batch = newcomers
+                if not batch.rows:
                     break
-                if len(keep) < len(rows):  # ended or abandoned rows leave the cache now
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, nxt = mask[index], nxt[index]
-                    rows, tokens = [rows[i] for i in keep], [tokens[i] for i in keep]
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                step = torch.tensor([[t] for t in tokens], device=device)
-                out = self.model(input_ids=step, attention_mask=mask, position_ids=nxt[:, None],
-                                 use_cache=True, **{self.cache_arg: cache})
-                cache, nxt = self._cache(out), nxt + 1
-                logits = out.logits[:, -1, :].float().cpu()
         self.stats.busy_s += time.monotonic() - started

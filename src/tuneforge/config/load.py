@@ -83,6 +83,8 @@ def _describe(err: ValidationError, where: str) -> str:
         return f"{where}: unknown setting '{key}'{_closest(key)}"
     if first["type"] == "missing":
         return f"{where}: required setting '{field}' is missing"
+    if not first["loc"]:  # a check across settings: its message names them
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
     got = first.get("input")
     return f"{where}: setting '{field}': {first['msg']} (got {got!r})"
 

@@ -66,6 +66,15 @@ class Config(BaseModel):
     memory_budget_gib: float | None = Field(None, gt=0)  # None: the GPU's memory, less 5%
     fast_path: bool = True  # fused LoRA/norm/MLP, chunked cross-entropy, varlen attention (GPU)
 
+    # PART 1: objective. 'sft' learns the answers; the others learn from pairs of a chosen and a
+    # rejected answer (docs/preference.md): DPO against a reference (the model before training),
+    # ORPO and SimPO without one.
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] | None = None  # None: sigmoid (objective='dpo' only)
+    beta: float | None = None  # None: 0.1 for dpo, 2.0 for simpo (not for sft or orpo)
+    simpo_gamma: float | None = None  # SimPO's target reward margin; None: 0.5
+    orpo_lambda: float | None = None  # ORPO's weight of the odds-ratio term; None: 0.1
+
     # PART 1: data
     data_files: str | list[str | DataSource]
     data_format: str = "auto"  # see DATA_FORMATS; or an XTuner dataset_map_fn name
@@ -125,6 +134,32 @@ class Config(BaseModel):
         if self.method != "full" and not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty; use 'all-linear' or a list of module names")
         return self
+
+    @model_validator(mode="after")
+    def _objective_settings(self) -> Config:
+        """A preference setting that the chosen objective does not read is a mistake, not a no-op."""
+        owners = {"dpo_loss": ("dpo",), "beta": ("dpo", "simpo"), "simpo_gamma": ("simpo",),
+                  "orpo_lambda": ("orpo",)}
+        for key, objectives in owners.items():
+            if getattr(self, key) is not None and self.objective not in objectives:
+                which = " or ".join(f"'{o}'" for o in objectives)
+                hint = " (ORPO's weight is orpo_lambda)" if key == "beta" and self.objective == "orpo" else ""
+                raise ValueError(f"{key} applies to objective={which} only, and objective is "
+                                 f"'{self.objective}'{hint}; remove {key} or change objective")
+        for key in ("beta", "orpo_lambda"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0 (got {getattr(self, key)}); try 0.1")
+        if self.objective != "sft" and self.data_format != "auto":
+            raise ValueError(f"data_format={self.data_format!r}: preference pairs are detected by their keys "
+                             "(docs/preference.md lists the formats); remove data_format")
+        if self.simpo_gamma is not None and self.simpo_gamma < 0:
+            raise ValueError(f"simpo_gamma must be >= 0 (got {self.simpo_gamma}); try 0.5")
+        return self
+
+    @property
+    def preference(self) -> bool:
+        """Trained on pairs of answers rather than on answers."""
+        return self.objective != "sft"
 
     @property
     def data_sources(self) -> list[DataSource]:

@@ -29,7 +29,7 @@ def padded_tokens(batches: list[list[Row]]) -> int:
     return sum(len(b) * max(map(len, b)) for b in batches)
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[Row], pad_id: int) -> dict[str, Any]:
     """Right-pad rows to one length. Padding gets its own restarting positions, so it forms a
     separate block that no real token attends to, and labels of -100, so it costs no loss."""
     width = max(len(r) for r in rows)
@@ -39,8 +39,29 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         ids.append(r.input_ids + [pad_id] * pad)
         labels.append(r.labels + [IGNORE] * pad)
         pos.append(r.position_ids + list(range(pad)))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-            "position_ids": torch.tensor(pos)}
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+    if rows[0].sequence_ids is not None:
+        batch.update(pair_tensors(rows, width))
+    return batch
+
+
+def pair_tensors(rows: list[Row], width: int) -> dict[str, Any]:
+    """Preference rows: each token's sequence number over the whole micro-batch (2k chosen, 2k + 1
+    rejected of its k-th pair; -1 for padding), the number of pairs (a plain int: no device sync
+    to read it), and each pair's number in the data set, where the rows carry them."""
+    seq, ids, base = [], [], 0
+    for r in rows:
+        seq.append([base + s for s in r.sequence_ids] + [-1] * (width - len(r)))
+        base += 2 * r.pairs
+        ids += r.pair_ids or []
+    out: dict[str, Any] = {"sequence_ids": torch.tensor(seq), "pairs": base // 2}
+    if rows[0].pair_ids is not None:
+        out["pair_ids"] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def pairs_in(rows: list[Row]) -> int:
+    return sum(r.pairs for r in rows)
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from tuneforge.data.encode import Encoded, encode
 from tuneforge.data.formats import Message, Sample, iter_samples
+from tuneforge.data.pairs import Pair, iter_pairs
 from tuneforge.data.templates import Template, split_for_training
 from tuneforge.errors import UserError
 from tuneforge.files import atomic_directory
@@ -38,6 +39,7 @@ class EncodeSettings:
     max_length: int
     data_format: str
     skip_bad_lines: bool
+    pairs: bool = False  # preference pairs: samples 2i and 2i+1 are pair i's chosen and rejected
 
 
 @dataclass
@@ -76,8 +78,27 @@ def encode_sample(s: Sample, tokenizer: Any, settings: EncodeSettings) -> Encode
     return encode(segments, tokenizer, settings.max_length)
 
 
-def _encode_chunk(args: tuple[list[Sample], Any, EncodeSettings]) -> list[Encoded]:
+def _cut(e: Encoded, n: int) -> Encoded:
+    return e if len(e.input_ids) <= n else Encoded(e.input_ids[:n], e.labels[:n], True)
+
+
+def encode_pair(p: Pair, tokenizer: Any, settings: EncodeSettings) -> tuple[Encoded, Encoded]:
+    """Chosen and rejected, each encoded like a sample; both go into one packed row, so together
+    they fit max_length: the longer is cut first, to no less than half of it."""
+    sides = [encode_sample(Sample(side, p.where), tokenizer, settings) for side in (p.chosen, p.rejected)]
+    limit = settings.max_length
+    short, long = sorted(range(2), key=lambda i: len(sides[i].input_ids))
+    if len(sides[0].input_ids) + len(sides[1].input_ids) > limit:
+        room = max(limit - len(sides[short].input_ids), limit - limit // 2)
+        sides[long] = _cut(sides[long], room)
+        sides[short] = _cut(sides[short], limit - len(sides[long].input_ids))
+    return sides[0], sides[1]
+
+
+def _encode_chunk(args: tuple[list[Sample] | list[Pair], Any, EncodeSettings]) -> list[Encoded]:
     samples, tokenizer, settings = args
+    if settings.pairs:
+        return [e for p in samples for e in encode_pair(p, tokenizer, settings)]
     return [encode_sample(s, tokenizer, settings) for s in samples]
 
 
@@ -130,7 +151,8 @@ def cache_key(path: Path, tokenizer_fp: str, settings: EncodeSettings) -> str:
             h.update(block)
     t = settings.template
     h.update(json.dumps([FORMAT_VERSION, tokenizer_fp, t.name, t.chat_template, settings.system,
-                         settings.max_length, settings.data_format, settings.skip_bad_lines]).encode())
+                         settings.max_length, settings.data_format, settings.skip_bad_lines]
+                        + (["pairs"] if settings.pairs else [])).encode())
     return h.hexdigest()[:32]
 
 
@@ -177,7 +199,8 @@ def encode_file(path: Path, tokenizer: Any, settings: EncodeSettings,
     if use_cache and (store_dir / "bad.json").is_file():
         return _load(store_dir), True
     bad: list[str] = []
-    samples = iter_samples(path, settings.data_format, bad if settings.skip_bad_lines else None)
+    read = iter_pairs if settings.pairs else iter_samples
+    samples = read(path, settings.data_format, bad if settings.skip_bad_lines else None)
     if not use_cache:
         store_dir = Path(tempfile.mkdtemp(prefix="tuneforge-data-")) / key
     encoded = _encoded_stream(samples, tokenizer, settings)

@@ -11,7 +11,7 @@ import numpy as np
 
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.data.cache import EncodeSettings, TokenStore, encode_file, tokenizer_fingerprint
-from tuneforge.data.pack import Row, assemble, fill_rate, pack_lengths
+from tuneforge.data.pack import Row, assemble, assemble_pairs, fill_rate, pack_lengths
 from tuneforge.data.templates import Template
 from tuneforge.errors import UserError
 
@@ -31,12 +31,13 @@ class DatasetStats:
     fill_rate: float
     cached_files: int
     seconds: float
+    unit: str = "samples"  # "pairs" for preference data
 
     def summary(self) -> str:
         extra = f", dropped {self.dropped}" if self.dropped else ""
         extra += f", skipped {self.bad_lines} bad line(s)" if self.bad_lines else ""
         cached = f", {self.cached_files} of {len(self.files)} file(s) from cache" if self.cached_files else ""
-        return (f"{self.samples} samples from {len(self.files)} file(s) -> {self.rows} rows, "
+        return (f"{self.samples} {self.unit} from {len(self.files)} file(s) -> {self.rows} rows, "
                 f"{self.tokens} tokens ({self.trained_tokens} trained), fill {self.fill_rate:.1%}, "
                 f"truncated {self.truncated}{extra} [{self.seconds:.1f}s{cached}]")
 
@@ -85,7 +86,7 @@ def encode_settings(cfg: Config, template: Template, source: DataSource | None =
     """How a file is encoded: SOURCE's own format where it has one (an XTuner ConcatDataset's
     datasets each have theirs), else the config's data_format."""
     fmt = source.format if source is not None and source.format else cfg.data_format
-    return EncodeSettings(template, cfg.SYSTEM, cfg.max_length, fmt, cfg.skip_bad_lines)
+    return EncodeSettings(template, cfg.SYSTEM, cfg.max_length, fmt, cfg.skip_bad_lines, pairs=cfg.preference)
 
 
 def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool = True,
@@ -142,6 +143,80 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool 
         trained_tokens=int(trained[keep].sum()),
         fill_rate=fill_rate(rows.row_lengths(), cfg.max_length) if cfg.pack_to_max_length else 1.0,
         cached_files=cached, seconds=time.time() - started,
+    )
+    return rows, stats
+
+
+@dataclass
+class PairRows(TrainRows):
+    """Rows of preference pairs: here a 'sample' is a pair, whose chosen and rejected answers are
+    samples 2i and 2i + 1 of its store, and always share one row. A row's pairs carry their
+    numbers here (in the used pairs' order), by which a precomputed reference is looked up."""
+
+    def __getitem__(self, i: int) -> Row:
+        sides = []
+        for k in self.groups[i]:
+            store, j = self.stores[self.store_of[k]], 2 * int(self.index_of[k])
+            sides += [store.sample(j), store.sample(j + 1)]
+        return assemble_pairs(sides, self.groups[i])
+
+    def pairs(self) -> int:
+        return len(self.store_of)
+
+
+def build_pair_rows(cfg: Config, tokenizer: Any, template: Template,
+                    use_cache: bool = True) -> tuple[PairRows, DatasetStats]:
+    """Rows of the config's preference pairs, both answers of a pair in one row."""
+    started = time.time()
+    fp = tokenizer_fingerprint(tokenizer)
+    stores: list[TokenStore] = []
+    files: list[Path] = []
+    store_of, index_of = [], []
+    cached = 0
+    for src in cfg.data_sources:
+        s_of, i_of = [], []
+        for path in resolve_data_path(src.path, cfg):
+            store, hit = encode_file(path, tokenizer, encode_settings(cfg, template, src), fp, use_cache)
+            cached += hit
+            s_of.append(np.full(len(store) // 2, len(stores)))
+            i_of.append(np.arange(len(store) // 2))
+            stores.append(store)
+            files.append(path)
+        s_arr, i_arr = np.concatenate(s_of), np.concatenate(i_of)
+        if src.max_samples:
+            s_arr, i_arr = s_arr[: src.max_samples], i_arr[: src.max_samples]
+        store_of.append(np.tile(s_arr, src.repeat))
+        index_of.append(np.tile(i_arr, src.repeat))
+    s_all, i_all = np.concatenate(store_of), np.concatenate(index_of)
+    bad = sum(len(s.bad) for s in stores)
+    if len(s_all) == 0:
+        first = next((b for s in stores for b in s.bad), "")
+        raise UserError("no usable preference pair in the data files"
+                        + (f" ({bad} bad lines, all skipped; the first: {first})" if bad else ""))
+    lengths = np.empty(len(s_all), dtype=np.int64)
+    trained = np.empty((len(s_all), 2), dtype=np.int64)
+    truncated = np.empty(len(s_all), dtype=bool)
+    for k, store in enumerate(stores):
+        mask = s_all == k
+        both = 2 * i_all[mask]
+        lengths[mask] = store.lengths()[both] + store.lengths()[both + 1]
+        trained[mask] = np.stack([store.trained[both], store.trained[both + 1]], axis=1)
+        truncated[mask] = store.truncated[both] | store.truncated[both + 1]
+    keep = (trained > 0).all(axis=1)  # a pair with an answer cut away entirely compares nothing
+    if cfg.long_samples == "drop":
+        keep &= ~truncated
+    if not keep.any():
+        raise UserError("no pair has answer tokens left on both sides (raise max_length?)")
+    s_used, i_used, len_used = s_all[keep], i_all[keep], lengths[keep]
+    groups = (pack_lengths(len_used.tolist(), cfg.max_length) if cfg.pack_to_max_length
+              else [[k] for k in range(len(len_used))])
+    rows = PairRows(stores, s_used, i_used, groups, len_used)
+    stats = DatasetStats(
+        files=[str(f) for f in files], samples=len(s_all), truncated=int(truncated.sum()),
+        dropped=int((~keep).sum()), bad_lines=bad, rows=len(groups), tokens=int(len_used.sum()),
+        trained_tokens=int(trained[keep].sum()),
+        fill_rate=fill_rate(rows.row_lengths(), cfg.max_length) if cfg.pack_to_max_length else 1.0,
+        cached_files=cached, seconds=time.time() - started, unit="pairs",
     )
     return rows, stats
 

@@ -272,9 +272,14 @@ def _refuse_untrainable(record: dict, where: str) -> None:
         if isinstance(record.get(key), bool) or (key == "kto_tag" and key in record):
             raise UserError(
                 f"{where}: {key}: a KTO record (each answer labelled good or bad); tuneforge has no "
-                f"KTO or preference training yet, and a {key}: false answer would be learned as a good "
+                f"KTO training (DPO, ORPO, SimPO train on pairs), and a {key}: false answer would be learned as a good "
                 f"one; to train the good answers as plain examples, drop the {key}: false records and "
                 f"the {key} field")
+    pair = next((k for k in ("rejected", "rejected_response", "rejected_conversations") if k in record), None)
+    if pair:
+        raise UserError(f"{where}: {pair}: a preference pair (a chosen and a rejected answer); objective='sft' "
+                        "would learn the rejected answer or drop it silently; train pairs with objective='dpo' "
+                        "(or 'orpo', 'simpo'): docs/preference.md")
     for key, placeholder in _MEDIA_KEYS.items():
         media = record.get(key)
         if media:

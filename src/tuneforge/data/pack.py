@@ -18,6 +18,16 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    # Preference rows only: per token, which of the row's sequences it belongs to (2k: pair k's
+    # chosen answer, 2k + 1: its rejected one), and per pair its number in the data set (where a
+    # full fine-tune's reference log-probabilities are looked up: an integer survives the engines'
+    # casts of floating-point inputs to bf16, which would round a log-probability of -500 by 2).
+    sequence_ids: list[int] | None = None
+    pair_ids: list[int] | None = None
+
+    @property
+    def pairs(self) -> int:
+        return (self.sequence_ids[-1] + 1) // 2 if self.sequence_ids else 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -58,6 +68,14 @@ def assemble(samples: Sequence[Encoded]) -> Row:
         labels += s.labels
         pos += range(len(s.input_ids))
     return Row(ids, labels, pos)
+
+
+def assemble_pairs(sides: Sequence[Encoded], pair_ids: Sequence[int] | None = None) -> Row:
+    """SIDES: chosen, rejected, chosen, rejected, ... Each is its own packed sample (positions
+    restart), so the rejected answer never sees the chosen one, and varlen attention applies."""
+    row = assemble(sides)
+    seq = [k for k, s in enumerate(sides) for _ in s.input_ids]
+    return Row(row.input_ids, row.labels, row.position_ids, seq, list(pair_ids) if pair_ids is not None else None)
 
 
 def pack(samples: list[Encoded], max_length: int) -> list[Row]:

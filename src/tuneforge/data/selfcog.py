@@ -106,3 +106,31 @@ def write_self_cognition(out: str | Path, name: str, name_en: str | None = None,
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return len(records)
+
+
+def preference_records(name: str, base_answers: dict[str, str], general: list[str], name_en: str | None = None,
+                       author: str | None = None, author_en: str | None = None, seed: int = 0) -> list[dict]:
+    """Identity pairs as preference records (TRL's ``prompt``/``chosen``/``rejected``): for each
+    identity question, the identity answer over the base model's own one (which names another
+    identity); for each general prompt, the base model's answer over an identity answer (the
+    hijack the identity must not make). BASE_ANSWERS: prompt -> the base model's answer; a
+    question it already answers with the new name, or leaves unanswered, gives no pair."""
+    rng = random.Random(seed)
+    name_en = name_en or name
+    answers = identity_pairs(name, name_en, author, author_en)
+    by_language = {en: sorted({a for q, a in answers if q.isascii() == en}) for en in (True, False)}
+    out = []
+    for q in QUESTIONS_ZH + QUESTIONS_EN:
+        own = base_answers.get(q, "").strip()
+        if own and name not in own and name_en not in own:
+            out.append({"prompt": q, "chosen": rng.choice(by_language[q.isascii()]), "rejected": own})
+    for p in general:
+        own = base_answers.get(p, "").strip()
+        if own:
+            out.append({"prompt": p, "chosen": own, "rejected": rng.choice(by_language[p.isascii()])})
+    rng.shuffle(out)
+    return out
+
+
+def identity_questions() -> list[str]:
+    return QUESTIONS_ZH + QUESTIONS_EN

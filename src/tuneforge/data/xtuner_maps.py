@@ -276,9 +276,9 @@ _IMAGES = ("image-text data: XTuner puts an <image> placeholder in the user turn
            "vision encoder sees; tuneforge trains text-only models, the placeholders would be learned "
            "as literal text, and the questions are about the pictures, so the text alone is no SFT "
            "data; train it with XTuner's LLaVA pipeline")
-_PAIRS = ("preference pairs (a prompt, a chosen and a rejected answer) for DPO: tuneforge has SFT only "
-          "so far (issue 21); to train the chosen answers as plain examples, write each record as "
-          '{"conversation": [{"system": ..., "input": prompt, "output": chosen}]} and drop rejected')
+_PAIRS = ("preference pairs (a prompt, a chosen and a rejected answer) for XTuner's DPO trainer: train "
+          "them with objective='dpo' (or 'orpo', 'simpo') and no dataset_map_fn; tuneforge reads "
+          '{"prompt", "chosen", "rejected"} records and the other pair formats in docs/preference.md as they are')
 
 REFUSED: dict[str, str] = {
     "llava_map_fn": _IMAGES,

@@ -156,25 +156,33 @@ def find_resume(work_dir: Path, requested: str | None) -> Path:
         if not path.is_file():
             raise UserError(f"--resume: checkpoint '{path}' not found")
         return path
+    newest = newest_checkpoint(work_dir)
+    if newest is None:
+        raise UserError(f"--resume: no checkpoint in '{work_dir}' (no last_checkpoint, no iter_*.pth)")
+    return newest
+
+
+def newest_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint ``last_checkpoint`` names, else the newest ``iter_*.pth`` (a marker lost or
+    naming a pruned file must not hide the checkpoints that are there)."""
     marker = work_dir / LAST
     if marker.is_file():
         path = Path(marker.read_text().strip())
         if path.is_file():
             return path
     found = list_checkpoints(work_dir)
-    if found:
-        return found[-1]
-    raise UserError(f"--resume: no checkpoint in '{work_dir}' (no last_checkpoint, no iter_*.pth)")
+    return found[-1] if found else None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint file (or the one a work dir's ``last_checkpoint`` names)."""
+    """Read a checkpoint file, or a work dir's newest (as ``--resume`` picks it)."""
     path = Path(path)
     if path.is_dir():
-        marker = path / LAST
-        if not marker.is_file():
-            raise UserError(f"'{path}' is a directory without a last_checkpoint file; pass iter_N.pth")
-        path = Path(marker.read_text().strip())
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise UserError(f"'{path}' is a directory without checkpoints (no last_checkpoint, no iter_*.pth); "
+                            "pass iter_N.pth")
+        path = newest
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' not found")
     try:

@@ -125,7 +125,9 @@ def plot_loss(log: list[dict[str, Any]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    preference = [r for r in log if "margin" in r]
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
+    ax = axes[0][0]
     # raw per-step loss is noisy (a step is a few packed rows); the smoothed line shows the trend
     smooth, avg = [], losses[0]
     for x in losses:
@@ -138,6 +140,20 @@ def plot_loss(log: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylabel("training loss")
     ax.set_title("tuneforge training loss")
     ax.grid(alpha=0.3)
+    if preference:  # the preference objectives: does the chosen answer win, and by how much
+        right = axes[0][1]
+        at = [r["step"] for r in preference]
+        right.plot(at, [r["margin"] for r in preference], label="reward margin (chosen - rejected)")
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("reward margin")
+        right.grid(alpha=0.3)
+        acc = right.twinx()
+        acc.plot(at, [r["accuracy"] for r in preference], color="tab:green", lw=0.8, label="accuracy")
+        acc.set_ylim(-0.05, 1.05)
+        acc.set_ylabel("accuracy (chosen > rejected)")
+        right.set_title("preference: margin and accuracy per step")
+        right.legend(loc="upper left")
+        acc.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -102,6 +102,15 @@ def total(value: float, ranks: Ranks) -> float:
     return float(t.item())
 
 
+def sum_tensor(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """T (on the CPU) summed over ranks, elementwise."""
+    if ranks.world == 1:
+        return t
+    out = t.to(_comm_device())
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 def anyone(flag: bool, ranks: Ranks) -> bool:
     """True on every rank if FLAG is true on any (a stop request must stop all of them)."""
     return total(float(flag), ranks) > 0

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from tuneforge import compat, fast
 from tuneforge.config.schema import Config, DataSource
-from tuneforge.data.batching import collate, labelled, micro_batches, model_inputs, padded_tokens
-from tuneforge.data.dataset import build_rows
+from tuneforge.data.batching import collate, micro_batches, model_inputs, padded_tokens
+from tuneforge.data.dataset import build_pair_rows, build_rows
 from tuneforge.data.replay import (
     answer_prompts,
     missing,
@@ -63,7 +63,7 @@ from tuneforge.train.engines.data_parallel import DataParallelEngine
 from tuneforge.train.engines.deepspeed import DeepSpeedEngine
 from tuneforge.train.engines.fsdp import FSDPEngine
 from tuneforge.train.hooks import Evaluation, JsonlLog, NoLog, plot_loss
-from tuneforge.train.loss import loss_sum
+from tuneforge.train.objective import ReferenceRun, objective_for, reference_key
 from tuneforge.train.optim import build_optimizer, build_scheduler, first_step_bytes
 from tuneforge.train.options import RunOptions
 from tuneforge.train.profile import StepProfiler, phase
@@ -105,6 +105,7 @@ class Recipe:
         self.model_path = resolve_model(cfg.pretrained_model_name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)
         self.template = get_template(cfg.prompt_template, self.tokenizer)
+        self.objective = objective_for(cfg)  # what the step minimises, and over what it averages
         if rows is None:
             self._build_rows()  # all data errors surface here, before the model loads
         else:
@@ -150,7 +151,8 @@ class Recipe:
     def _build_rows(self, extra: list[DataSource] | None = None) -> None:
         if not self.ranks.main:
             parallel.barrier(self.ranks)  # rank 0 encodes and caches the data; the others then read it
-        self.rows, self.stats = build_rows(self.cfg, self.tokenizer, self.template, extra=extra)
+        build = build_pair_rows if self.cfg.preference else build_rows
+        self.rows, self.stats = build(self.cfg, self.tokenizer, self.template, **({"extra": extra} if extra else {}))
         if self.ranks.main:
             parallel.barrier(self.ranks)
         self.say(f"data{' with replay' if extra else ''}: {self.stats.summary()}")
@@ -199,11 +201,19 @@ class Recipe:
                            trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa")
         if cfg.pack_to_max_length and not given_rows and probe.runs_own_code(model) \
                 and not probe.isolates_packed_samples(model):
+            if cfg.preference:  # a pair's two answers share a row: they must not see each other
+                raise UserError("preference training packs a pair's two answers into one row, and this model's "
+                                "own code lets packed samples attend to each other; train it without "
+                                "trust_remote_code (tuneforge loads InternLM2 natively) or with objective='sft'")
             self.say("the model's own code lets packed samples attend to each other: one sample per row")
             self.cfg = cfg = cfg.model_copy(update={"pack_to_max_length": False})
             self._build_rows()
-        if cfg.replay_general and not given_rows:
+        if cfg.replay_general and not given_rows and not cfg.preference:  # replay records are not pairs
             self._mix_replay(model)
+        if not given_rows:  # a full fine-tune's reference, before the checkpoint's weights go in
+            self.objective.prepare(model, self.rows, ReferenceRun(
+                self.work_dir, self.device, self.amp, self.tokenizer.pad_token_id, self.ranks, self.say,
+                self.options.progress, reference_key(self.model_path, self.dtype, self.rows)))
         checks.warn_few_steps(len(self.rows), cfg, self.ranks.world, self.say)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -270,7 +280,7 @@ class Recipe:
         return f"{self.cfg.max_steps} steps" if self.cfg.max_steps else "the whole run"
 
     def _loss(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        return loss_sum(model, batch, self.fast)
+        return self.objective.loss(model, batch, self.fast)
 
     def _describe_model(self) -> None:
         cfg, ranks = self.cfg, self.ranks
@@ -341,12 +351,13 @@ class Recipe:
         cfg, ranks = self.cfg, self.ranks
         with phase("data"):
             every_rank = micro_batches(self.rows, cfg.batch_size, cfg.accumulative_counts, cfg.seed, step, ranks.world)
-            n_labels = sum(labelled(b) for b in every_rank)  # the loss: a mean over all ranks' tokens
+            n_labels = sum(self.objective.units(b) for b in every_rank)  # the loss: a mean over all ranks' tokens/pairs
             batches = [collate(b, self.tokenizer.pad_token_id) for b in every_rank[ranks.rank::ranks.world]]
         loss = self.forward_backward(batches, n_labels)
         with phase("reduce"):
             grad_norm = self.engine.reduce_and_clip(cfg.max_norm)
             loss = parallel.total(loss, ranks)
+            self.step_metrics = step_metrics(self.objective.metrics(), ranks)
         self._update(step + 1, loss, grad_norm)
         return loss, grad_norm, padded_tokens(every_rank)
 
@@ -393,7 +404,7 @@ class Recipe:
         lr = self.scheduler.get_last_lr()[0]
         cuda = self.device.type == "cuda"
         self.log.write({"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                        "tokens": n_tokens, "tokens_per_s": round(tps, 1),
+                        "tokens": n_tokens, "tokens_per_s": round(tps, 1), **self.step_metrics,
                         **({"peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)}
                            if cuda else {})})
         busy = self.profiler.after(done - 1) if self.profiler else None
@@ -406,7 +417,8 @@ class Recipe:
         every = max(1, self.steps // 10)
         if self.options.progress and not self.live and (done % every == 0 or done == self.steps):
             eta = (time.time() - self.t_loop) / (done - self.start) * (self.steps - done)
-            self.say(f"step {done}/{self.steps} loss {loss:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
+            pref = "".join(f" {k} {self.step_metrics[k]:.3f}" for k in ("margin", "accuracy") if k in self.step_metrics)
+            self.say(f"step {done}/{self.steps} loss {loss:.4f}{pref} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s")
 
     def _finish(self, last: Path | None) -> Path | None:
         parallel.barrier(self.ranks)  # the final checkpoint is on disk before any rank returns
@@ -456,6 +468,17 @@ class Recipe:
                      f"(ranks x accumulative_counts), this run {now}; the data order and the loss scale "
                      "change from here on")
         return ckpt.step
+
+
+def step_metrics(sums: dict[str, float], ranks: parallel.Ranks) -> dict[str, float]:
+    """The objective's per-step sums, over all ranks, as the means the log shows."""
+    if not sums:
+        return {}
+    t = {k: parallel.total(v, ranks) for k, v in sums.items()}
+    n = max(1.0, t["pairs"])
+    chosen, rejected = t["reward_chosen"] / n, t["reward_rejected"] / n
+    return {"reward_chosen": round(chosen, 6), "reward_rejected": round(rejected, 6),
+            "margin": round(chosen - rejected, 6), "accuracy": round(t["correct"] / n, 4)}
 
 
 @contextlib.contextmanager
