@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from waits import limit
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CFG = "smollm2_135m_instruct_lora_assistant"
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 def run(*args: str, cwd) -> tuple[str, float]:
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=1800)
+                          text=True, timeout=limit(1800))
     assert proc.returncode == 0, f"tuneforge {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
     return proc.stdout, time.perf_counter() - started
 
