@@ -89,23 +89,34 @@ def encode_settings(cfg: Config, template: Template, source: DataSource | None =
     return EncodeSettings(template, cfg.SYSTEM, cfg.max_length, fmt, cfg.skip_bad_lines, pairs=cfg.preference)
 
 
-def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool = True,
-               extra: list[DataSource] | None = None) -> tuple[TrainRows, DatasetStats]:
-    """Rows for the config's data, plus EXTRA sources (replay data) when given."""
-    started = time.time()
+@dataclass
+class _Gathered:
+    """Every source's files encoded, and the (store, index) of each item in training order."""
+    stores: list[TokenStore]
+    files: list[Path]
+    store_of: np.ndarray
+    index_of: np.ndarray
+    cached: int  # files read from the token cache
+    bad: int  # bad lines skipped
+
+
+def _gather(cfg: Config, sources: list[DataSource], tokenizer: Any, template: Template, use_cache: bool,
+            per_item: int, what: str) -> _Gathered:
+    """Encode SOURCES and list their items (PER_ITEM stored samples each: 1 for SFT, 2 for a
+    pair's two sides), each source cut to its max_samples and repeated. None usable: one line."""
     fp = tokenizer_fingerprint(tokenizer)
     stores: list[TokenStore] = []
     files: list[Path] = []
     store_of: list[np.ndarray] = []
     index_of: list[np.ndarray] = []
     cached = 0
-    for src in cfg.data_sources + (extra or []):
+    for src in sources:
         s_of, i_of = [], []
         for path in resolve_data_path(src.path, cfg):
             store, hit = encode_file(path, tokenizer, encode_settings(cfg, template, src), fp, use_cache)
             cached += hit
-            s_of.append(np.full(len(store), len(stores)))
-            i_of.append(np.arange(len(store)))
+            s_of.append(np.full(len(store) // per_item, len(stores)))
+            i_of.append(np.arange(len(store) // per_item))
             stores.append(store)
             files.append(path)
         s_arr, i_arr = np.concatenate(s_of), np.concatenate(i_of)
@@ -117,8 +128,17 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool 
     bad = sum(len(s.bad) for s in stores)
     if len(s_all) == 0:
         first = next((b for s in stores for b in s.bad), "")
-        raise UserError("no usable sample in the data files"
+        raise UserError(f"no usable {what} in the data files"
                         + (f" ({bad} bad lines, all skipped; the first: {first})" if bad else ""))
+    return _Gathered(stores, files, s_all, i_all, cached, bad)
+
+
+def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool = True,
+               extra: list[DataSource] | None = None) -> tuple[TrainRows, DatasetStats]:
+    """Rows for the config's data, plus EXTRA sources (replay data) when given."""
+    started = time.time()
+    g = _gather(cfg, cfg.data_sources + (extra or []), tokenizer, template, use_cache, 1, "sample")
+    stores, files, s_all, i_all, cached, bad = g.stores, g.files, g.store_of, g.index_of, g.cached, g.bad
 
     lengths = np.empty(len(s_all), dtype=np.int64)
     trained = np.empty(len(s_all), dtype=np.int64)
@@ -168,31 +188,8 @@ def build_pair_rows(cfg: Config, tokenizer: Any, template: Template,
                     use_cache: bool = True) -> tuple[PairRows, DatasetStats]:
     """Rows of the config's preference pairs, both answers of a pair in one row."""
     started = time.time()
-    fp = tokenizer_fingerprint(tokenizer)
-    stores: list[TokenStore] = []
-    files: list[Path] = []
-    store_of, index_of = [], []
-    cached = 0
-    for src in cfg.data_sources:
-        s_of, i_of = [], []
-        for path in resolve_data_path(src.path, cfg):
-            store, hit = encode_file(path, tokenizer, encode_settings(cfg, template, src), fp, use_cache)
-            cached += hit
-            s_of.append(np.full(len(store) // 2, len(stores)))
-            i_of.append(np.arange(len(store) // 2))
-            stores.append(store)
-            files.append(path)
-        s_arr, i_arr = np.concatenate(s_of), np.concatenate(i_of)
-        if src.max_samples:
-            s_arr, i_arr = s_arr[: src.max_samples], i_arr[: src.max_samples]
-        store_of.append(np.tile(s_arr, src.repeat))
-        index_of.append(np.tile(i_arr, src.repeat))
-    s_all, i_all = np.concatenate(store_of), np.concatenate(index_of)
-    bad = sum(len(s.bad) for s in stores)
-    if len(s_all) == 0:
-        first = next((b for s in stores for b in s.bad), "")
-        raise UserError("no usable preference pair in the data files"
-                        + (f" ({bad} bad lines, all skipped; the first: {first})" if bad else ""))
+    g = _gather(cfg, cfg.data_sources, tokenizer, template, use_cache, 2, "preference pair")
+    stores, files, s_all, i_all, cached, bad = g.stores, g.files, g.store_of, g.index_of, g.cached, g.bad
     lengths = np.empty(len(s_all), dtype=np.int64)
     trained = np.empty((len(s_all), 2), dtype=np.int64)
     truncated = np.empty(len(s_all), dtype=bool)
