@@ -81,7 +81,7 @@ def unsloth_step(row: Row, path: Path, lr: float, seq: int):
     """Unsloth as its notebooks use it: FastLanguageModel, LoRA on all seven projections, its own
     gradient checkpointing (layer inputs offloaded to CPU), our loop around its model."""
     import torch
-    from bench_train import TARGETS
+    from bench_train import TARGETS, padded_loop
     from unsloth import FastLanguageModel  # imported before transformers already (worker)
 
     model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=seq, dtype=torch.bfloat16,
@@ -98,54 +98,14 @@ def hf_step(row: Row, path: Path, lr: float, liger: bool):
     user writes it (bench_train.py's baseline); LIGER: Liger's kernels patched into transformers'
     Llama first (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)."""
     import torch
-    from bench_train import TARGETS
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from bench_train import hf_model, padded_loop
 
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": dev}
-    if row.mode == "qlora":
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    if row.mode == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    else:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    return padded_loop(model, lr, dev)
-
-
-def padded_loop(model, lr: float, dev: str):
-    """One optimizer step per batch of samples, padded to the longest, labels on every real token."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-
-    def run(samples: list[list[int]]) -> tuple[int, float]:
-        width = max(map(len, samples))
-        ids = torch.zeros(len(samples), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(samples):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return int(mask.sum()), float(out.loss)
-    return run
+    return padded_loop(hf_model(row.mode, path, dev), lr, dev)
 
 
 def tuneforge_step(row: Row, path: Path, lr: float, seq: int, data: list):

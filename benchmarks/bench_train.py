@@ -147,27 +147,39 @@ def flops_per_token(cfg, mode: str, lengths: list[int], r: int = 64) -> float:
 
 def baseline(run: Run, path: Path, lr: float):
     """What a user writes with transformers + peft (+ bitsandbytes for QLoRA)."""
+    loop = padded_loop(hf_model(run.mode, path, DEV), lr, DEV)
+    return lambda samples: loop(samples)[0]
+
+
+def hf_model(mode: str, path: Path, dev: str):
+    """transformers + peft (+ bitsandbytes 4-bit for QLoRA), gradient checkpointing and SDPA, LoRA
+    r64 on TARGETS: the baseline as a user sets it up."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": DEV}
-    if run.mode == "qlora":
+    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": dev}
+    if mode == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    if run.mode == "qlora":
+    if mode == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def padded_loop(model, lr: float, dev: str):
+    """One optimizer step per batch of samples, padded to the longest, labels on every real token;
+    returns (labelled tokens, loss)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
 
-    def step(samples: list[list[int]]) -> int:
+    def step(samples: list[list[int]]) -> tuple[int, float]:
         width = max(map(len, samples))
         ids = torch.zeros(len(samples), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -175,12 +187,12 @@ def baseline(run: Run, path: Path, lr: float):
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        out = model(input_ids=ids.to(DEV), attention_mask=mask.to(DEV), labels=labels.to(DEV))
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return int(mask.sum())
+        return int(mask.sum()), float(out.loss)
 
     return step
 
