@@ -119,13 +119,13 @@ def test_qlora_trains_on_4_bit_weights(gpu_model_dir, tmp_path):
     assert all(math.isfinite(x) for x in got) and got[-1] < 0.8 * got[0], got
 
 
-def test_the_train_command_compiles_and_trains(gpu_model_dir, tmp_path):
-    """`tuneforge train` itself on the GPU: the fast path's line, a falling loss, a checkpoint."""
+def _train_compiled(model_dir, data, settings: str, tmp_path) -> list[dict]:
+    """`tuneforge train` for 12 steps at lr 3e-3 with SETTINGS added; checks it ran on compiled
+    layers with varlen attention and returns its train log."""
     import json
 
-    data = word_chats(tmp_path / "chats.jsonl")
     cfg = tmp_path / "c.py"
-    cfg.write_text(f"pretrained_model_name_or_path = {str(gpu_model_dir)!r}\ndata_files = {str(data)!r}\n"
+    cfg.write_text(f"pretrained_model_name_or_path = {str(model_dir)!r}\ndata_files = {str(data)!r}\n{settings}"
                    "max_length = 512\nbatch_size = 1\nmax_steps = 12\nlr = 3e-3\nwarmup_ratio = 0.0\n"
                    "replay_general = False\nidentity_guard = False\nevaluation_inputs = []\n")
     proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(tmp_path / "w"),
@@ -133,7 +133,12 @@ def test_the_train_command_compiles_and_trains(gpu_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "compiled layers x8" in out and "varlen attention" in out, out[-3000:]
-    log = [json.loads(x) for x in (tmp_path / "w/train_log.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (tmp_path / "w/train_log.jsonl").read_text().splitlines()]
+
+
+def test_the_train_command_compiles_and_trains(gpu_model_dir, tmp_path):
+    """`tuneforge train` itself on the GPU: the fast path's line, a falling loss, a checkpoint."""
+    log = _train_compiled(gpu_model_dir, word_chats(tmp_path / "chats.jsonl"), "", tmp_path)
     loss = [r["loss"] for r in log if "loss" in r]
     assert loss[-1] < loss[0], loss
     assert (tmp_path / "w/iter_12.pth").is_file()
@@ -155,17 +160,8 @@ def test_dpo_trains_through_the_compiled_lora_path(gpu_model_dir, tmp_path):
                                  "rejected": " ".join(f"w{i + 2}" for i in q)}))
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    cfg = tmp_path / "c.py"
-    cfg.write_text(f"pretrained_model_name_or_path = {str(gpu_model_dir)!r}\ndata_files = {str(data)!r}\n"
-                   "objective = 'dpo'\nbeta = 0.1\nmax_length = 512\nbatch_size = 1\nmax_steps = 12\n"
-                   "lr = 3e-3\nwarmup_ratio = 0.0\nreplay_general = False\nidentity_guard = False\n"
-                   "evaluation_inputs = []\n")
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(cfg), "--work-dir", str(tmp_path / "w"),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout + proc.stderr
-    assert "compiled layers x8" in out and "varlen attention" in out, out[-3000:]
-    log = [r for r in map(json.loads, (tmp_path / "w/train_log.jsonl").read_text().splitlines()) if "margin" in r]
+    log = [r for r in _train_compiled(gpu_model_dir, data, "objective = 'dpo'\nbeta = 0.1\n", tmp_path)
+           if "margin" in r]
     assert abs(log[0]["loss"] - math.log(2)) < 1e-2, log[0]  # bf16 kernels differ, a wrong reference by far more
     assert log[-1]["margin"] > 0 and log[-1]["accuracy"] > 0.5 and log[-1]["loss"] < log[0]["loss"], log
     assert (tmp_path / "w/iter_12.pth").is_file()
