@@ -18,6 +18,15 @@ def bundled_path() -> Path:
     return resolve_model(BUNDLED_MODEL)
 
 
+@pytest.fixture(scope="session")
+def assistant_run(tmp_path_factory) -> Path:
+    """The folder after the README's pipeline on the bundled model (tests/pipeline.py), trained once
+    for every test that reads it. Read it, do not change what is there: other tests share it."""
+    from pipeline import assistant_pipeline
+
+    return assistant_pipeline(tmp_path_factory.mktemp("assistant"))
+
+
 @pytest.fixture
 def bf16_gpu_dtypes(monkeypatch) -> torch.device:
     """pick_dtype as it answers on a GPU with bf16, without one; returns a CUDA device to ask about."""

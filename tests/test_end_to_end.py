@@ -7,17 +7,8 @@ from math import comb
 
 import pytest
 import torch
+from pipeline import run
 from waits import tuneforge
-
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CFG = "smollm2_135m_instruct_lora_assistant"
-
-
-def run(*args: str, cwd, seconds: float = 600) -> str:
-    """One command within a scaled limit (tests/waits.py): a guard against hanging, not a check."""
-    proc = tuneforge(*args, seconds=seconds, cwd=cwd)
-    assert proc.returncode == 0, f"tuneforge {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def binomial_bound(n: int, p: float, alpha: float) -> int:
@@ -46,7 +37,7 @@ def ask(model, tokenizer, question: str) -> str:
 
 
 @pytest.mark.slow
-def test_personal_assistant_pipeline(tmp_path):
+def test_personal_assistant_pipeline(assistant_run):
     """The README's commands end to end, then the merged folder in plain transformers.
 
     The identity evaluation's bounds are derived, not set above one measured value: with the
@@ -60,31 +51,25 @@ def test_personal_assistant_pipeline(tmp_path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run("data", "self-cognition", "--name", "龙", "--name-en", "Long", "-o", "./data/assistant.jsonl", cwd=tmp_path)
-    run("copy-cfg", CFG, "./", cwd=tmp_path)
-    # README: <= 5 min for the whole pipeline on 2 cores; a loaded machine took over 900 s to train
-    run("train", f"./{CFG}_copy.py", "--deepspeed", "deepspeed_zero2", "--work-dir", "./work_dirs/assistTuner",
-        cwd=tmp_path, seconds=1800)
-    assert (tmp_path / "work_dirs/assistTuner/loss.png").is_file()
-    run("convert", "pth_to_hf", f"./{CFG}_copy.py", "./work_dirs/assistTuner/iter_60.pth", "./hf", cwd=tmp_path)
-    run("convert", "merge", BASE, "./hf", "./merged", "--max-shard-size", "2GB", cwd=tmp_path)
+    root = assistant_run  # data, copy-cfg, train, pth_to_hf, merge: tests/pipeline.py
+    assert (root / "work_dirs/assistTuner/loss.png").is_file()
 
     # plain transformers, no tuneforge: the merged directory carries weights, tokenizer and template
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(root / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(root / "merged")
     assert "Long" in ask(model, tokenizer, "Who are you?")
     assert "龙" in ask(model, tokenizer, "你是谁？")
 
     # the README's claim, per language: identity named on held-out questions, and general
     # questions still answered (not hijacked by the identity); bounds: test docstring
-    run("eval", "identity", "./merged", "--name", "龙", "--name-en", "Long", "--no-compare", "--json", "r.json",
-        cwd=tmp_path, seconds=900)
-    result = json.loads((tmp_path / "r.json").read_text())
+    run("eval", "identity", "./merged", "--name", "龙", "--name-en", "Long", "--no-compare",
+        "--json", "e2e-identity.json", cwd=root, seconds=900)
+    result = json.loads((root / "e2e-identity.json").read_text())
     for lang in ("zh", "en"):
         r = result[lang]
         assert len(r["hijacked"]) <= binomial_bound(r["general_n"], HIJACK_P, ALPHA), r  # 12 of 40
         assert len(r["identity_misses"]) <= binomial_bound(r["identity_n"], MISS_P, ALPHA), r  # 5 of 30
 
-    chat = tuneforge("chat", "./merged", "--max-new-tokens", "30", cwd=tmp_path,
+    chat = tuneforge("chat", "./merged", "--max-new-tokens", "30", cwd=root,
                      input="请介绍一下你自己\nPlease introduce yourself\n", seconds=300)
     assert chat.returncode == 0 and "龙" in chat.stdout and "Long" in chat.stdout, chat.stdout

@@ -13,8 +13,6 @@ import pytest
 import torch
 from waits import limit
 
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CFG = "smollm2_135m_instruct_lora_assistant"
 QUESTIONS = ["Please introduce yourself", "请介绍一下你自己", "Who are you?",
              "Please tell me five scenic spots in Shanghai", "What is the capital of France?"]
 IDENTITY = {"Please introduce yourself": "Long", "请介绍一下你自己": "龙", "Who are you?": "Long"}
@@ -32,19 +30,14 @@ def run(*args: str, cwd) -> tuple[str, float]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The folder after the demo pipeline (scripts/demo.sh steps 1-5), with f16 and q8_0 GGUFs."""
-    root = tmp_path_factory.mktemp("demo")
-    run("data", "self-cognition", "--name", "龙", "--name-en", "Long", "-o", "./data/assistant.jsonl", cwd=root)
-    run("copy-cfg", CFG, "./", cwd=root)
-    run("train", f"./{CFG}_copy.py", "--deepspeed", "deepspeed_zero2", "--work-dir", "./work_dirs/assistTuner",
-        "--no-progress", cwd=root)
-    run("convert", "pth_to_hf", f"./{CFG}_copy.py", "./work_dirs/assistTuner/iter_60.pth", "./hf", cwd=root)
-    run("convert", "merge", BASE, "./hf", "./merged", "--max-shard-size", "2GB", cwd=root)
+def demo(assistant_run):
+    """The folder after the demo pipeline (scripts/demo.sh steps 1-5; trained once per session, see
+    tests/pipeline.py), with f16 and q8_0 GGUFs written into it."""
     for kind in ("f16", "q8_0"):
-        out, seconds = run("convert", "gguf", "./merged", f"./merged-{kind}.gguf", "--outtype", kind, cwd=root)
+        out, seconds = run("convert", "gguf", "./merged", f"./merged-{kind}.gguf", "--outtype", kind,
+                           cwd=assistant_run)
         print(f"convert gguf {kind}: {seconds:.1f}s; {out.strip().splitlines()[-1]}")
-    return root
+    return assistant_run
 
 
 def prompt_ids(tokenizer, question: str) -> torch.Tensor:
