@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from browser import chromium, done, headings, picker, showing
 from waits import drain, limit, tuneforge, wait_for
 
 from tuneforge.chat import worker as worker_module
@@ -321,50 +321,19 @@ def test_a_client_that_disconnects_stops_its_generation(server, spy):
     assert ok == 200 and reply["choices"][0]["message"]["content"]  # and the server serves the next one
 
 
-def _browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        missing = "headless Chromium not installed (make test installs Debian's chromium and chromium-driver)"
-        if os.environ.get("CI") == "true":  # CI must not pass a page it never opened
-            pytest.fail(missing)
-        pytest.skip(missing)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,800"):
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=opts)
-
-
-def _showing(browser) -> dict[int, str]:
-    """The answers on the page still streaming that already show some text, by position."""
-    from selenium.webdriver.common.by import By
-
-    bubbles = browser.find_elements(By.CSS_SELECTOR, ".assistant")
-    return {i: b.text for i, b in enumerate(bubbles) if b.get_attribute("data-state") == "streaming" and b.text.strip()}
-
-
-def _done(browser) -> int:
-    from selenium.webdriver.common.by import By
-
-    return len(browser.find_elements(By.CSS_SELECTOR, ".assistant[data-state=done]"))
-
-
 def test_the_page_streams_an_answer_and_compares_with_the_base(server, spy):
     from selenium.webdriver.common.by import By
 
-    browser = _browser()
+    browser = chromium()
     try:
         # the key the page would ask for with prompt(); stored as the page does
         browser.get(server.url + "/health")
         browser.execute_script(f"sessionStorage.setItem('tuneforge-key', '{KEY}')")
         browser.get(server.url + "/")
-        wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
+        wait_for(lambda: picker(browser) == ("smollm2", ["smollm2", "smollm2:base"]), 60, "the page to list the models")
+        assert headings(browser) == ["smollm2 (tuned)"]
         browser.find_element(By.ID, "compare").click()
-        assert len(browser.find_elements(By.CSS_SELECTOR, ".column")) == 2
+        assert headings(browser) == ["smollm2 (tuned)", "smollm2:base"]  # the picked model beside its base
         browser.find_element(By.CSS_SELECTOR, "#settings summary").click()  # the system prompt is in the settings
         browser.find_element(By.ID, "system").send_keys("You are a helpful assistant.")
         spy.hold = True
@@ -374,12 +343,12 @@ def test_the_page_streams_an_answer_and_compares_with_the_base(server, spy):
         partial: dict[int, str] = {}
         for n in (1, 2):
             spy.held(n)
-            shown = wait_for(lambda: _showing(browser), 60, f"the page to show answer {n} while it streams")
+            shown = wait_for(lambda: showing(browser), 60, f"the page to show answer {n} while it streams")
             assert len(shown) == 1 and not set(shown) & set(partial), shown
             partial.update(shown)
             spy.release()
         spy.hold = False
-        wait_for(lambda: _done(browser) == 2, 180, "both answers to finish")
+        wait_for(lambda: done(browser) == 2, 180, "both answers to finish")
         answers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
         assert all(a.strip() for a in answers) and answers[0] != answers[1], answers
         for i, text in partial.items():  # it grew piece by piece to the whole answer
@@ -387,7 +356,7 @@ def test_the_page_streams_an_answer_and_compares_with_the_base(server, spy):
         assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == ["Who are you?"] * 2
         # a second turn goes on the same conversation: each column sends its own first exchange
         browser.find_element(By.ID, "input").send_keys("Thanks!\n")
-        wait_for(lambda: _done(browser) == 4, 180, "both second answers to finish")
+        wait_for(lambda: done(browser) == 4, 180, "both second answers to finish")
         first, second = spy.generations[:2], spy.generations[2:]
         assert len(second) == 2
         for gen in second:
@@ -469,12 +438,12 @@ def test_the_page_stops_an_answer_sends_again_and_fits_a_phone(server, spy):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    browser = _browser()
+    browser = chromium()
     try:
         browser.get(server.url + "/health")
         browser.execute_script(f"sessionStorage.setItem('tuneforge-key', '{KEY}')")
         browser.get(server.url + "/")
-        wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
+        wait_for(lambda: picker(browser) == ("smollm2", ["smollm2", "smollm2:base"]), 60, "the page to list the models")
         spy.hold = True
         box = browser.find_element(By.ID, "input")
         box.click()
@@ -483,7 +452,7 @@ def test_the_page_stops_an_answer_sends_again_and_fits_a_phone(server, spy):
         box.send_keys("And the sky." + Keys.ENTER)
         gen = spy.held(1)
         assert gen.question == "Tell me about the sea.\nAnd the sky.", gen.question
-        wait_for(lambda: _showing(browser), 60, "the page to show the answer while it streams")
+        wait_for(lambda: showing(browser), 60, "the page to show the answer while it streams")
         browser.find_element(By.ID, "stop").click()
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".assistant[data-state=stopped]"), 60,
                  "the page to mark the answer stopped")
@@ -493,7 +462,7 @@ def test_the_page_stops_an_answer_sends_again_and_fits_a_phone(server, spy):
         wait_for(lambda: gen.reply, 120, "the stopped generation to end")
         assert gen.cancelled and gen.reply.completion_tokens < 64, gen.reply  # Stop reached the server
         box.send_keys("Thanks!" + Keys.ENTER)
-        wait_for(lambda: _done(browser) == 1, 180, "the next answer after Stop")
+        wait_for(lambda: done(browser) == 1, 180, "the next answer after Stop")
         browser.set_window_size(390, 844)
         width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
         assert width <= inner, (width, inner)
@@ -504,12 +473,10 @@ def test_the_page_stops_an_answer_sends_again_and_fits_a_phone(server, spy):
 
 
 def _open_page(browser, server) -> None:
-    from selenium.webdriver.common.by import By
-
     browser.get(server.url + "/health")
     browser.execute_script(f"sessionStorage.setItem('tuneforge-key', '{KEY}')")
     browser.get(server.url + "/")
-    wait_for(lambda: browser.find_element(By.ID, "model").text == "smollm2", 60, "the page to list the model")
+    wait_for(lambda: picker(browser) == ("smollm2", ["smollm2", "smollm2:base"]), 60, "the page to list the models")
 
 
 def test_the_page_renders_markdown_and_code_safely(server, spy):
@@ -519,14 +486,14 @@ def test_the_page_renders_markdown_and_code_safely(server, spy):
 
     from selenium.webdriver.common.by import By
 
-    browser = _browser()
+    browser = chromium()
     try:
         _open_page(browser, server)
         browser.execute_cdp_cmd("Browser.grantPermissions", {"origin": server.url,
                                 "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
         browser.find_element(By.ID, "compare").click()  # the base writes a fenced block for this (greedy)
         browser.find_element(By.ID, "input").send_keys("Write a Python function that adds two numbers.\n")
-        wait_for(lambda: _done(browser) == 2, 300, "both answers to finish")
+        wait_for(lambda: done(browser) == 2, 300, "both answers to finish")
         fenced = [(g, re.search(r"```(\w*)\n(.*?)\n```", g.reply.text, re.S)) for g in spy.generations]
         fenced = [(g, m) for g, m in fenced if m]
         assert fenced, [g.reply.text for g in spy.generations]  # the model's greedy answer has a code block
@@ -572,7 +539,7 @@ def test_the_page_sends_its_sampling_settings(server, spy):
     server with the question."""
     from selenium.webdriver.common.by import By
 
-    browser = _browser()
+    browser = chromium()
     try:
         _open_page(browser, server)
         assert not browser.find_element(By.ID, "temperature").is_displayed()  # folded away at first
@@ -585,7 +552,7 @@ def test_the_page_sends_its_sampling_settings(server, spy):
         summary = browser.find_element(By.ID, "summary").text
         assert summary == "(temperature 0.8, top_p 0.9, 5 tokens, system prompt)", summary
         browser.find_element(By.ID, "input").send_keys("What colour is the sky?\n")
-        wait_for(lambda: _done(browser) == 1, 180, "the answer")
+        wait_for(lambda: done(browser) == 1, 180, "the answer")
         gen = spy.generations[0]
         p = gen.params
         assert (p.temperature, p.top_p, p.max_tokens) == (0.8, 0.9, 5), p
@@ -593,7 +560,7 @@ def test_the_page_sends_its_sampling_settings(server, spy):
         assert 0 < gen.reply.completion_tokens <= 5
         browser.find_element(By.ID, "max_tokens").clear()  # empty: the server's own default
         browser.find_element(By.ID, "input").send_keys("And the grass?\n")
-        wait_for(lambda: _done(browser) == 2, 180, "the second answer")
+        wait_for(lambda: done(browser) == 2, 180, "the second answer")
         assert spy.generations[1].params.max_tokens == server.served.max_tokens
     finally:
         browser.quit()

@@ -57,6 +57,12 @@ class Served:
     def models(self) -> list[str]:
         return list(self.routes)
 
+    def parent(self, model: str) -> str | None:
+        """The base model's id for a model that is an adapter on it, else None (vLLM's `parent` in
+        /v1/models, so that a client can tell adapters from their base and pair them)."""
+        base = next((m for m, adapter in self.routes.items() if adapter == BASE), None)
+        return None if self.routes[model] == BASE else base
+
 
 def _error(err: api.ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -251,8 +257,8 @@ def create_app(served: Served) -> FastAPI:
     async def models(request: Request) -> dict:
         authorise(request)
         now = int(time.time())
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "tuneforge"}
-                                           for m in served.models()]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "tuneforge",
+                                            "parent": served.parent(m)} for m in served.models()]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
