@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -186,10 +187,14 @@ def worker(name: str, args: argparse.Namespace) -> dict:
 
 
 def versions(engine: str) -> dict:
+    return package_versions({"hf": [], "liger": ["liger-kernel"], "unsloth": ["unsloth", "unsloth_zoo", "trl"],
+                             "tuneforge": []}[engine] + ["torch", "transformers", "peft", "bitsandbytes"])
+
+
+def package_versions(names: list[str]) -> dict:
+    """The installed version of each package (None where it is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    names = {"hf": [], "liger": ["liger-kernel"], "unsloth": ["unsloth", "unsloth_zoo", "trl"],
-             "tuneforge": []}[engine] + ["torch", "transformers", "peft", "bitsandbytes"]
     got = {}
     for n in names:
         try:
@@ -287,12 +292,13 @@ def breakdown(trace: dict) -> dict:
 
 # ---------------------------------------------------------------- the driver
 
-def child(argv: list[str], timeout: float) -> tuple[dict | None, str]:
-    """Run one row's process; its result (or None) and the tail of what it printed."""
+def child(argv: list[str], timeout: float, script: Path | None = None) -> tuple[dict, str]:
+    """Run one row's process (SCRIPT, this file by default, with ARGV; it prints its result as a
+    line "RESULT {json}"); its result (or {"error": ...}) and the tail of what it printed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "UNSLOTH_DISABLE_STATISTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        proc = subprocess.run([sys.executable, __file__, *argv], timeout=timeout, capture_output=True,
+        proc = subprocess.run([sys.executable, str(script or __file__), *argv], timeout=timeout, capture_output=True,
                               text=True, env=env)
         stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as err:
@@ -400,28 +406,43 @@ def main() -> None:
             "command": "python benchmarks/bench_side_by_side.py " + " ".join(sys.argv[1:])}
     print(f"{meta['gpu']}: bf16 matmul {meta['matmul_tflops']} TFLOP/s; model {args.model} "
           f"[{time.time() - started:.0f}s]", flush=True)
+    rows = run_each(names, {n: asdict(ROWS[n]) for n in names}, forwarded, left,
+                    {n: MIN_SECONDS[ROWS[n].engine] for n in names}, log_file,
+                    lambda done: write_results(done, meta, args.out), describe=describe)
+    write_results(rows, meta, args.out)
+    print(render_table(rows, meta), flush=True)
+    print(f"total {time.time() - started:.0f}s", flush=True)
+
+
+def describe(result: dict) -> str:
+    return (f"{result['tokens_per_s']:,.0f} tok/s, peak {result['peak_gib']} GiB (reserved {result['reserved_gib']}), "
+            f"steps {result['step_s']}, warm-up {result['warmup_s']}")
+
+
+def run_each(names: list[str], fields: dict[str, dict], forwarded: list[str], left: Callable[[], float],
+             min_seconds: dict[str, float], log_file: Path, save: Callable[[list[dict]], None],
+             describe: Callable[[dict], str], script: Path | None = None) -> list[dict]:
+    """Each named row in its own process (SCRIPT FORWARDED --one NAME), in order; a row with less
+    than its MIN_SECONDS left of the deadline (LEFT()) is recorded as not run, one that fails or
+    runs out of time as its error. Each result is FIELDS[name] plus what the row measured; SAVE
+    gets the rows so far after each (a run cut off later still leaves what it measured)."""
     rows = []
     for name in names:
-        row = ROWS[name]
-        if left() < MIN_SECONDS[row.engine]:
-            rows.append({"run": name, **asdict(row), "error": f"not run: {left():.0f} s left of the deadline"})
+        if left() < min_seconds[name]:
+            rows.append({"run": name, **fields[name], "error": f"not run: {left():.0f} s left of the deadline"})
             continue
         t0 = time.time()
-        result, log = child([*forwarded, "--one", name], timeout=max(1.0, left()))
-        result = {"run": name, **asdict(row), **result, "wall_s": round(time.time() - t0, 1)}
+        result, log = child([*forwarded, "--one", name], timeout=max(1.0, left()), script=script)
+        result = {"run": name, **fields[name], **result, "wall_s": round(time.time() - t0, 1)}
         rows.append(result)
         with log_file.open("a") as f:
             f.write(f"===== {name}\n{log}\n")
         if "error" in result:
             print(f"{name}: FAILED {result['error']} [{result['wall_s']:.0f}s]", flush=True)
         else:
-            print(f"{name}: {result['tokens_per_s']:,.0f} tok/s, peak {result['peak_gib']} GiB "
-                  f"(reserved {result['reserved_gib']}), steps {result['step_s']}, warm-up {result['warmup_s']} "
-                  f"[{result['wall_s']:.0f}s]", flush=True)
-        write_results(rows, meta, args.out)  # a run cut off later still leaves what it measured
-    write_results(rows, meta, args.out)
-    print(render_table(rows, meta), flush=True)
-    print(f"total {time.time() - started:.0f}s", flush=True)
+            print(f"{name}: {describe(result)} [{result['wall_s']:.0f}s]", flush=True)
+        save(rows)
+    return rows
 
 
 # ---------------------------------------------------------------- results
@@ -468,18 +489,24 @@ def render_table(rows: list[dict], meta: dict) -> str:
 def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     """OUT/results.json under the key "side-by-side" (other benchmarks' keys kept) and the table
     between this benchmark's markers in OUT/RESULTS.md."""
+    write_marked(out, MARK, {"meta": meta, "rows": with_derived(rows, meta)}, render_table(rows, meta))
+
+
+def write_marked(out: Path, mark: str, section: dict, table: str) -> None:
+    """SECTION into OUT/results.json under the key MARK, and TABLE between MARK's markers in
+    OUT/RESULTS.md (added at the end where missing); everything else in both files is kept."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     payload = json.loads(path.read_text()) if path.is_file() else {}
-    payload[MARK] = {"meta": meta, "rows": with_derived(rows, meta)}
+    payload[mark] = section
     path.write_text(json.dumps(payload, indent=1) + "\n")
     md = out / "RESULTS.md"
-    begin, end = f"<!-- {MARK}:begin -->", f"<!-- {MARK}:end -->"
+    begin, end = f"<!-- {mark}:begin -->", f"<!-- {mark}:end -->"
     text = md.read_text() if md.is_file() else "# Benchmark results\n"
     if begin not in text:
         text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
-    md.write_text(head + begin + "\n" + render_table(rows, meta) + "\n" + end + rest.split(end, 1)[1])
+    md.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

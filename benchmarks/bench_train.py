@@ -94,13 +94,19 @@ def make_model(path: Path, shape: str, layers: int | None) -> None:
     make_tokenizer().save_pretrained(path)
 
 
-def make_tokenizer():
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(vocab_size: int | None = None):
     """A word-level tokenizer with a ChatML template: the workloads are token ids, so the
-    tokenizer only names the special tokens and the template (nothing is downloaded)."""
+    tokenizer only names the special tokens and the template (nothing is downloaded). With
+    VOCAB_SIZE every other id gets a word too (``id_word``), so that a text of such words is
+    exactly those ids: for a peer that takes text only."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])}
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS)}
+    vocab.update({id_word(i): i for i in range(len(SPECIAL_TOKENS), vocab_size or 0)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -108,6 +114,10 @@ def make_tokenizer():
         chat_template="{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
                       "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                       "{% endif %}")
+
+
+def id_word(i: int) -> str:
+    return SPECIAL_TOKENS[i] if i < len(SPECIAL_TOKENS) else f"w{i}"
 
 
 def matmul_tflops() -> float:
@@ -209,18 +219,18 @@ def tuneforge_settings(run: Run, path: Path, lr: float, seq: int, steps: int, fa
 
 
 def tuneforge(run: Run, path: Path, lr: float, seq: int, steps: int, rows: list | None = None,
-              fast_path: bool = True, data: Path | None = None, log=print):
+              fast_path: bool = True, data: Path | None = None, log=print, settings: dict | None = None):
     """tuneforge's training step, through the recipe `tuneforge train` runs: set up once (load,
     adapters, fast path, memory plan, compiled layers, engine, optimizer), then one
     ``Recipe.step`` per call. ROWS: the packed rows to train (else DATA, a data file, is read as
-    the command reads it)."""
+    the command reads it); SETTINGS: config keys over tuneforge_settings' (objective='dpo', ...)."""
     import tempfile
 
     from tuneforge.config.load import build_config
     from tuneforge.train.options import RunOptions
     from tuneforge.train.recipe import Recipe
 
-    cfg = build_config(tuneforge_settings(run, path, lr, seq, steps, fast_path, data))
+    cfg = build_config({**tuneforge_settings(run, path, lr, seq, steps, fast_path, data), **(settings or {})})
     recipe = Recipe(cfg, Path(tempfile.mkdtemp(prefix="bench-")), RunOptions(progress=False))
     recipe.setup(rows=rows)
     log("  " + recipe.fast.describe() + (f"; {recipe.fast.memory.describe()}" if recipe.fast.memory else ""))
