@@ -26,8 +26,9 @@ class SwanLab:
             id=run.run_id, resume="allow" if run.run_id else None, mode="offline" if offline else None,
             # tuneforge's own output stays as it is (SwanLab would otherwise wrap stdout and stderr)
             settings=swanlab.Settings(terminal={"proxy_type": "none"}))
-        if self.run.mode == "offline":
-            return Opened(self.run.id, f"offline run {self.run.id} in {self.run.dir}; upload: swanlab sync {self.run.dir}")
+        if self.run.mode == "offline":  # a resumed run is one more folder of the same run: sync each with --id
+            return Opened(self.run.id, f"offline run {self.run.id} in {self.run.dir}; upload: swanlab sync "
+                                       f"{self.run.dir} --id {self.run.id}")
         return Opened(self.run.id, f"run {self.run.url or self.run.dir}")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -24,9 +24,10 @@ class WandB:
             mode="offline" if offline else None, reinit="create_new",
             # console="off": tuneforge's own output stays as it is (no wrapped stdout)
             settings=wandb.Settings(console="off", quiet=True))
-        if self.run.offline:
+        if self.run.offline:  # a resumed run is one more folder of the same run; wandb sync takes them in order
             folder = os.path.dirname(self.run.dir)  # .../wandb/offline-run-TIME-ID/files
-            return Opened(self.run.id, f"offline run {self.run.id} in {folder}; upload: wandb sync {folder}")
+            every = os.path.join(os.path.dirname(folder), f"offline-run-*-{self.run.id}")
+            return Opened(self.run.id, f"offline run {self.run.id} in {folder}; upload: wandb sync {every}")
         return Opened(self.run.id, f"run {self.run.url}")
 
     def write(self, record: dict[str, Any]) -> None:
