@@ -59,7 +59,7 @@ def read_tensorboard(work: Path) -> Seen:
     acc.Reload()
     seen = Seen()
     seen.loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors("loss")]
-    for e in acc.Tensors("eval/text_summary"):
+    for e in acc.Tensors("eval/text_summary") if "eval/text_summary" in acc.Tags()["tensors"] else []:
         seen.evals[e.step] = "".join(x.decode() for x in tensor_util.make_ndarray(e.tensor_proto).ravel())
     start = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     seen.lr = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams["lr"].number_value
@@ -265,6 +265,50 @@ def test_offline_a_resumed_run_is_a_second_folder_of_the_same_run(resumed, name,
     kept = json.loads((work / "trackers.json").read_text())[name]
     attempts = sorted(work.glob(folders))
     assert len(attempts) == 2 and {p.name.rsplit("-", 1)[1] for p in attempts} == {kept}
+
+
+def test_the_preference_and_gpu_numbers_reach_the_tracker_as_the_log_has_them(tmp_path):
+    """What a CPU SFT run does not log: a DPO step's margin and accuracy, a GPU's peak memory."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    from tuneforge.train.trackers.log import TrackedLog
+
+    log = TrackedLog(tmp_path / "train_log.jsonl", ["tensorboard"], print)
+    log.open({"lr": 1e-6, "objective": "dpo"}, 0)
+    step = {"step": 1, "loss": 0.69, "lr": 1e-6, "grad_norm": 2.5, "tokens": 512, "tokens_per_s": 900.0,
+            "reward_chosen": 0.1, "reward_rejected": -0.2, "margin": 0.3, "accuracy": 0.75, "peak_gib": 21.4}
+    log.write(step)
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    for key, value in step.items():
+        if key != "step":
+            [event] = acc.Tensors(key)
+            assert event.step == 1 and float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(value)
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_a_warning_and_training_goes_on(tiny_model_dir, data,
+                                                                                    tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    from tuneforge.train.trackers.tensorboard import TensorBoard
+
+    write = TensorBoard.write
+
+    def full_disk(self, record):
+        if record.get("step") == 3:
+            raise OSError(28, "No space left on device")
+        write(self, record)
+
+    monkeypatch.setattr(TensorBoard, "write", full_disk)
+    work = tmp_path / "w"
+    train(tiny_config(tiny_model_dir, data, max_steps=4, save_steps=4, report_to=["tensorboard"]), work,
+          RunOptions(progress=False))
+    assert ("warning: tensorboard failed (OSError: [Errno 28] No space left on device); it gets nothing more, "
+            "train_log.jsonl has every record") in capsys.readouterr().out
+    assert [s for s, _ in read_tensorboard(work).loss] == [1, 2]  # what it had got, flushed
+    assert [r["step"] for r in jsonl(work) if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_with_the_install_command(tiny_model_dir, data, tmp_path,

@@ -20,6 +20,11 @@ from tuneforge.train.trackers.base import RunInfo, Status, Tracker
 RUN_IDS = "trackers.json"  # in the work dir: each tracker's run, which a resumed run goes on with
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
 def _status(error: BaseException | None) -> Status:
     if error is None:
         return "finished"
@@ -59,8 +64,7 @@ class TrackedLog(JsonlLog):
                                 f"pip install 'tuneforge[{name}]'") from err
             except Exception as err:
                 self.close(err)
-                raise UserError(f"report_to {name}: starting its run failed ({type(err).__name__}: "
-                                f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}); "
+                raise UserError(f"report_to {name}: starting its run failed ({_first_line(err)}); "
                                 f"remove {name} from report_to to train without it") from err
             self.trackers[name] = tracker
             # A tool that cannot drop what it holds past the checkpoint gets only the steps past
@@ -82,7 +86,7 @@ class TrackedLog(JsonlLog):
             try:
                 tracker.write(stamped)
             except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop the training
-                self.say(f"warning: {name} failed ({type(err).__name__}: {err}); it gets nothing more, "
+                self.say(f"warning: {name} failed ({_first_line(err)}); it gets nothing more, "
                          f"train_log.jsonl has every record")
                 del self.trackers[name]
                 with contextlib.suppress(Exception):
@@ -96,5 +100,5 @@ class TrackedLog(JsonlLog):
             try:
                 tracker.close(status)
             except Exception as err:  # noqa: BLE001 - close the others all the same
-                self.say(f"warning: closing {name} failed ({type(err).__name__}: {err})")
+                self.say(f"warning: closing {name} failed ({_first_line(err)})")
         self.trackers = {}
