@@ -67,6 +67,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.skip_bad_lines:
         options["skip_bad_lines"] = True
     cfg = load_config(args.config, options)  # a bad config fails here, before any rank starts
+    from tuneforge.train import trackers
+
+    trackers.check(trackers.chosen(cfg.report_to))  # and so does a tracker that is not installed
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     from tuneforge.train.launch import launch, slurm_environment
 

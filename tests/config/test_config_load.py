@@ -100,3 +100,14 @@ def test_list_filter_and_copy(tmp_path):
     assert load_config(dest).method == "qlora"
     with pytest.raises(UserError, match="did you mean 'internlm2_5_chat_7b_qlora_alpaca_e3'"):
         preset_path("internlm2_5_chat_7b_qlora_alpaca")
+
+
+def test_report_to_takes_tracker_names_and_refuses_others_naming_the_allowed_ones(tmp_path):
+    assert load_config(write_cfg(tmp_path, BASE)).report_to is None  # decided when training starts
+    assert load_config(write_cfg(tmp_path, BASE + "report_to = 'wandb'\n")).report_to == ["wandb"]
+    assert load_config(write_cfg(tmp_path, BASE + "report_to = 'none'\n")).report_to == []
+    both = load_config(write_cfg(tmp_path, BASE), {"report_to": ["mlflow", "swanlab", "mlflow"]})
+    assert both.report_to == ["mlflow", "swanlab"]
+    with pytest.raises(UserError, match=r"cfg\.py: setting 'report_to': unknown tracker 'tensorbord'; report_to "
+                                         r"takes any of tensorboard, wandb, swanlab, mlflow \(or 'none'\)"):
+        load_config(write_cfg(tmp_path, BASE + "report_to = ['tensorbord']\n"))

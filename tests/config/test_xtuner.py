@@ -294,6 +294,36 @@ def test_a_concat_dataset_becomes_one_data_files_entry_per_dataset_with_its_own_
                                                               ("zh.json", "alpaca_zh_map_fn")]
 
 
+@pytest.mark.parametrize(("visualizer", "report_to"), [
+    # XTuner's documented form, and mmengine's with the backends by name and a local one
+    ("dict(type=Visualizer, vis_backends=[dict(type=TensorboardVisBackend)])", ["tensorboard"]),
+    ("dict(type=Visualizer, vis_backends=[dict(type=WandbVisBackend, init_kwargs=dict(project='p')), "
+     "dict(type=TensorboardVisBackend)])", ["wandb", "tensorboard"]),
+    ("dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend'), dict(type='MLflowVisBackend'), "
+     "dict(type=SwanlabVisBackend)])", ["mlflow", "swanlab"]),
+    ("dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])", []),
+])
+def test_the_visualizer_backends_become_report_to(tmp_path, identity_data, visualizer, report_to):
+    text = XTUNER_CONFIG.replace("visualizer = None", (
+        "from mmengine.visualization import Visualizer, TensorboardVisBackend, WandbVisBackend\n"
+        "from swanlab.integration.mmengine import SwanlabVisBackend\n"
+        f"visualizer = {visualizer}"))
+    settings, report = read_xtuner_config(_write(tmp_path, "m", identity_data, text))
+    assert settings["report_to"] == report_to and "visualizer" not in report.ignored
+    assert load_config(_write(tmp_path, "m", identity_data, text)).report_to == report_to
+    if "init_kwargs" in visualizer:
+        assert "WandbVisBackend init_kwargs" in report.ignored
+
+
+def test_no_visualizer_keeps_the_default_trackers_and_another_backend_is_reported(tmp_path, identity_data):
+    settings, report = read_xtuner_config(_write(tmp_path, "m", identity_data))  # visualizer = None
+    assert "report_to" not in settings and "default" in report.ignored["visualizer"]
+    text = XTUNER_CONFIG.replace("visualizer = None", "visualizer = dict(type='Visualizer', "
+                                 "vis_backends=[dict(type='ClearMLVisBackend')])")
+    settings, report = read_xtuner_config(_write(tmp_path, "m", identity_data, text))
+    assert settings["report_to"] == [] and "ClearMLVisBackend" in "".join(report.ignored)
+
+
 def test_a_scheduler_given_by_its_name_as_a_string_is_read(tmp_path, identity_data):
     text = XTUNER_CONFIG.replace("type=LinearLR,", "type='LinearLR',")
     settings, _ = read_xtuner_config(_write(tmp_path, "m", identity_data, text))

@@ -86,7 +86,7 @@ def _describe(err: ValidationError, where: str) -> str:
     if not first["loc"]:  # a check across settings: its message names them
         return f"{where}: {first['msg'].removeprefix('Value error, ')}"
     got = first.get("input")
-    return f"{where}: setting '{field}': {first['msg']} (got {got!r})"
+    return f"{where}: setting '{field}': {first['msg'].removeprefix('Value error, ')} (got {got!r})"
 
 
 def build_config(settings: dict[str, Any], where: str = "config") -> Config:

@@ -19,6 +19,9 @@ ALIASES: dict[str, str] = {
 
 
 DATA_FORMATS = ("auto", "alpaca", "conversation", "messages", "sharegpt", "swift")
+# The experiment trackers report_to may name (train/trackers/ has one module for each).
+TRACKERS = ("tensorboard", "wandb", "swanlab", "mlflow")
+TrackerName = Literal["tensorboard", "wandb", "swanlab", "mlflow"]
 
 
 def _check_format(v: str | None) -> str | None:
@@ -111,6 +114,9 @@ class Config(BaseModel):
     evaluation_inputs: list[str] = Field(default_factory=list)
     evaluation_max_new_tokens: int = Field(128, gt=0)
     identity_guard: bool = True  # also ask general questions at each evaluation; warn on leaks
+    # Experiment trackers that get every record train_log.jsonl gets (docs/tracking.md). None: the
+    # default, decided when training starts: TensorBoard where it is installed, else none.
+    report_to: list[TrackerName] | None = None
     seed: int = 0
 
     # The file this config was read from (set by load_config): relative data paths that do not
@@ -121,6 +127,26 @@ class Config(BaseModel):
     @classmethod
     def _known_format(cls, v: str) -> str:
         return _check_format(v)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, v: object) -> object:
+        """A name or a list of names, as HF's report_to takes them; 'none' (or []) for no tracker."""
+        if v is None:
+            return None
+        names = [v] if isinstance(v, str) else v
+        if not isinstance(names, list | tuple):
+            return v  # not a list: pydantic's own message says what was expected
+        out: list[str] = []
+        for name in names:
+            if name == "none":
+                continue
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r}; report_to takes any of {', '.join(TRACKERS)} "
+                                 "(or 'none')")
+            if name not in out:
+                out.append(name)
+        return out
 
     @field_validator("data_files")
     @classmethod

@@ -4,7 +4,7 @@ The file is parsed with ``ast`` and its top-level assignments are evaluated symb
 imported names become ``Ref``s ("xtuner.utils.PROMPT_TEMPLATE.internlm2_chat"), ``dict(...)``
 becomes a dict and calls of anything else become ``Call``s. Then the settings XTuner would use
 (the PART 1 variables, the model's ``lora`` and ``quantization_config``, the dataset, the
-optimizer, the schedulers, the evaluation and checkpoint hooks) are mapped onto tuneforge's
+optimizer, the schedulers, the evaluation and checkpoint hooks, the visualizer's backends) are mapped onto tuneforge's
 names, and the reader says which it took and which it ignored. What it cannot map faithfully
 (another dataset map function, sequence parallelism) is refused with a clear line.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneforge.config.schema import TRACKERS
 from tuneforge.errors import UserError
 
 XTUNER_MODULES = ("xtuner", "mmengine")
@@ -162,7 +163,8 @@ PLAIN = ("pretrained_model_name_or_path", "trust_remote_code", "use_varlen_attn"
 MACHINERY = {
     "tokenizer": "tuneforge loads the model's tokenizer itself", "train_dataloader": "read for its dataset",
     "sampler": "tuneforge shuffles per epoch from seed", "dataloader_num_workers": "not needed",
-    "env_cfg": "XTuner runtime", "visualizer": "XTuner runtime", "log_level": "XTuner runtime",
+    "env_cfg": "XTuner runtime", "visualizer": "read for report_to", "vis_backends": "read for report_to",
+    "log_level": "XTuner runtime",
     "load_from": "use --resume", "resume": "use --resume", "log_processor": "XTuner runtime",
     "train_cfg": "read for max_epochs/max_iters", "optim_wrapper": "read for the optimizer",
     "param_scheduler": "read for warmup", "custom_hooks": "read for evaluation",
@@ -171,6 +173,9 @@ MACHINERY = {
 }
 TEMPLATES = {"internlm2_chat", "qwen_chat", "llama3_chat", "chatml", "default"}
 OPTIMIZERS = {"AdamW": "AdamW", "AdamW8bit": "AdamW8bit", "PagedAdamW8bit": "AdamW8bit"}
+# mmengine's visualizer backends (and SwanLab's own for mmengine) and the tracker each one is
+VIS_BACKENDS = {"TensorboardVisBackend": "tensorboard", "WandbVisBackend": "wandb", "MLflowVisBackend": "mlflow",
+                "MLFlowVisBackend": "mlflow", "SwanLabVisBackend": "swanlab", "SwanlabVisBackend": "swanlab"}
 
 
 def _type_name(d: Any) -> str:
@@ -431,6 +436,37 @@ def _map_hooks(m: _Mapping, env: dict[str, Any]) -> None:
                 {"interval": "save_steps", "max_keep_ckpts": "save_total_limit", "save_last": "save_last"})
 
 
+def _map_visualizer(m: _Mapping, env: dict[str, Any]) -> None:
+    """visualizer = dict(type=Visualizer, vis_backends=[dict(type=TensorboardVisBackend), ...]): the
+    backends become report_to; LocalVisBackend's scalars file is what train_log.jsonl holds."""
+    if "visualizer" not in env:
+        return
+    vis = env["visualizer"]
+    if not isinstance(vis, dict):
+        why = "None" if vis is None else f"{_short(vis)} is not a dict(type=Visualizer, vis_backends=[...])"
+        m.report.ignored["visualizer"] = f"{why}: report_to keeps tuneforge's default (TensorBoard where installed)"
+        return
+    backends = vis.get("vis_backends") or []
+    if isinstance(backends, dict):  # one backend, not in a list
+        backends = [backends]
+    names: list[str] = []
+    for backend in backends if isinstance(backends, list | tuple) else []:
+        kind = _type_name(backend)
+        if kind == "LocalVisBackend":
+            continue
+        tracker = VIS_BACKENDS.get(kind)
+        if tracker is None:
+            m.report.ignored[f"vis_backends {kind or _short(backend)}"] = \
+                f"not a tracker tuneforge reports to ({', '.join(TRACKERS)})"
+            continue
+        if tracker not in names:
+            names.append(tracker)
+        options = sorted(k for k in backend if k != "type")
+        if options:
+            m.report.ignored[f"{kind} {', '.join(options)}"] = "set through the tool's environment variables"
+    m.take("report_to", names)
+
+
 def _map_runtime(m: _Mapping, env: dict[str, Any]) -> None:
     """randomness' seed, and a line for each other top-level name tuneforge does not use."""
     seed = _sub(env, "randomness").get("seed")
@@ -448,7 +484,8 @@ def _map_runtime(m: _Mapping, env: dict[str, Any]) -> None:
 # In this order: a later section overrides what an earlier one took (the dataset's max_length
 # over PART 1's), the report lists settings in the order first taken, and the last one reports
 # what no section read.
-_SECTIONS = (_map_part1, _map_model, _map_dataset, _map_optimizer, _map_schedule, _map_hooks, _map_runtime)
+_SECTIONS = (_map_part1, _map_model, _map_dataset, _map_optimizer, _map_schedule, _map_hooks, _map_visualizer,
+             _map_runtime)
 
 
 def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Report]:

@@ -1,5 +1,5 @@
-"""What the loop writes besides checkpoints: the jsonl log, evaluation answers (with the identity
-guard's check), the loss plot."""
+"""What the loop writes besides checkpoints: the jsonl log (trackers/ adds the experiment
+trackers to it), evaluation answers (with the identity guard's check), the loss plot."""
 
 from __future__ import annotations
 
@@ -18,9 +18,15 @@ from tuneforge.models.generate import Sampling, generate_batch
 
 
 class NoLog:
-    """The log of a rank other than 0: rank 0 writes for all."""
+    """The log of a rank other than 0: rank 0 writes for all (and it alone reports to trackers)."""
 
     def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def open(self, config: dict[str, Any], start: int) -> None:
+        pass
+
+    def close(self, error: BaseException | None = None) -> None:
         pass
 
     def read(self) -> list[dict[str, Any]]:
@@ -34,9 +40,12 @@ class JsonlLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append RECORD with the time; returns it as written."""
+        stamped = {"time": round(time.time(), 3), **record}
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(stamped, ensure_ascii=False) + "\n")
+        return stamped
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():

@@ -48,7 +48,7 @@ from tuneforge.models.generate import unquantized_on_cpu
 from tuneforge.models.load import load_model, load_tokenizer, pick_device, training_dtypes
 from tuneforge.models.lora import apply_lora, trainable_parameters
 from tuneforge.models.resolve import resolve_model
-from tuneforge.train import checks, parallel, zero
+from tuneforge.train import checks, parallel, trackers, zero
 from tuneforge.train.checkpoint import (
     Checkpoint,
     find_resume,
@@ -62,12 +62,13 @@ from tuneforge.train.engines.base import LocalEngine
 from tuneforge.train.engines.data_parallel import DataParallelEngine
 from tuneforge.train.engines.deepspeed import DeepSpeedEngine
 from tuneforge.train.engines.fsdp import FSDPEngine
-from tuneforge.train.hooks import Evaluation, JsonlLog, NoLog, plot_loss
+from tuneforge.train.hooks import Evaluation, NoLog, plot_loss
 from tuneforge.train.objective import ReferenceRun, objective_for, reference_key
 from tuneforge.train.optim import build_optimizer, build_scheduler, first_step_bytes
 from tuneforge.train.options import RunOptions
 from tuneforge.train.profile import StepProfiler, phase
 from tuneforge.train.stop import StopRequest, TrainingStopped
+from tuneforge.train.trackers.log import TrackedLog
 
 MAX_BAD_STEPS_IN_A_ROW = 5
 LIBRARIES = {"torch", "transformers", "peft"}
@@ -99,6 +100,8 @@ class Recipe:
         compat.check(LIBRARIES | ({"deepspeed"} if self.options.deepspeed else set()))
         allow_compiling(self.options.compile)  # also the fused norm and MLP maths
         ds_file = self._deepspeed_file()  # a bad --deepspeed value fails before any work
+        self.report_to = trackers.chosen(cfg.report_to)  # and a tracker whose package is missing
+        trackers.check(self.report_to)
         random.seed(cfg.seed)  # every rank, and every rerun, starts from the same random state
         torch.manual_seed(cfg.seed)
         # the model path first: a missing model is the most common mistake
@@ -292,9 +295,10 @@ class Recipe:
                  + (f"; {ranks.world} rank(s), {self.engine.name}" if several else ""))
 
     def _hooks(self) -> None:
-        """The log, evaluation (with the identity guard), the profiler and the progress display."""
+        """The log (with the trackers as its sinks), evaluation (with the identity guard), the
+        profiler and the progress display."""
         main = self.ranks.main
-        self.log = JsonlLog(self.work_dir / "train_log.jsonl") if main else NoLog()
+        self.log = TrackedLog(self.work_dir / "train_log.jsonl", self.report_to, self.say) if main else NoLog()
         if self.start:
             self.log.resume_at(self.start)  # the log goes on from the checkpoint's step, not past it
         self.evaluate = Evaluation(self.cfg, self.model, self.tokenizer, self.template, self.log,
@@ -311,7 +315,18 @@ class Recipe:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> Path | None:
-        """Run from self.start to the last step; returns the last checkpoint written."""
+        """Run from self.start to the last step; returns the last checkpoint written. The trackers
+        are open while it runs and closed after it, also when it fails or is stopped."""
+        self.log.open(self.cfg.model_dump(mode="json"), self.start)
+        try:
+            last = self._train()
+        except BaseException as err:
+            self.log.close(err)
+            raise
+        self.log.close()
+        return last
+
+    def _train(self) -> Path | None:
         cfg, ranks = self.cfg, self.ranks
         if self.start == 0:
             self.log.write({"event": "start", "steps": self.steps, "rows": len(self.rows),
