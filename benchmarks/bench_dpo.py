@@ -61,8 +61,12 @@ EOS = 2  # bench_train's model config and tokenizer
 ROWS = {  # run -> what its table row says about it
     "tuneforge-dpo": {"engine": "tuneforge", "note": "Recipe.step, objective='dpo': a pair's answers packed in one row"},
     "trl-dpo": {"engine": "trl", "note": "DPOTrainer + peft_config: chosen/rejected padded to the longer"},
+    # at no more memory than TRL's row (19.6 GiB allocated on the H200, 2026-12-02): the memory
+    # plan recomputes layers to fit, as it would for a user who sets the cap
+    "tuneforge-dpo-19gib": {"engine": "tuneforge", "budget_gib": 19.0,
+                            "note": "as tuneforge-dpo, memory_budget_gib=19"},
 }
-MIN_SECONDS = {"tuneforge-dpo": 60, "trl-dpo": 60}  # a row is not started with less left: load, compile, steps
+MIN_SECONDS = {"tuneforge-dpo": 60, "trl-dpo": 60, "tuneforge-dpo-19gib": 60}  # a row is not started with less left: load, compile, steps
 # what tuneforge's row sets beyond bench_train.tuneforge_settings (LoRA r64/16/0 on all seven, ...)
 TUNEFORGE_DPO = {"objective": "dpo", "dpo_loss": "sigmoid", "beta": BETA, "warmup_ratio": 0.0, "seed": SEED}
 
@@ -126,14 +130,14 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def tuneforge_row(args: argparse.Namespace, steps: list[list[Pair]], dev: str) -> dict:
+def tuneforge_row(args: argparse.Namespace, steps: list[list[Pair]], dev: str, budget_gib: float | None = None) -> dict:
     """tuneforge through the recipe (bench_train.tuneforge): set up once, then one
     ``Recipe.step`` per step, timed to the GPU's end of it."""
     import bench_train
 
     rows = pair_rows(steps)
     t0 = time.time()
-    step = bench_train.tuneforge(bench_train.Run("tuneforge", "lora", "full"), args.model, args.lr,
+    step = bench_train.tuneforge(bench_train.Run("tuneforge", "lora", "full", budget_gib=budget_gib), args.model, args.lr,
                                  max(map(len, rows)), len(rows), rows=rows, settings=TUNEFORGE_DPO)
     load_s = time.time() - t0
     step_s, losses, positions = [], [], []
@@ -144,7 +148,7 @@ def tuneforge_row(args: argparse.Namespace, steps: list[list[Pair]], dev: str) -
         step_s.append(time.time() - t1)
         losses.append(step.last_loss)
     return {"load_s": load_s, "step_s": step_s, "losses": losses, "positions": positions, "plan": step.plan,
-            "settings": TUNEFORGE_DPO}
+            "settings": {**TUNEFORGE_DPO, **({"memory_budget_gib": budget_gib} if budget_gib else {})}}
 
 
 def as_text(ids: list[int]) -> str:
@@ -241,8 +245,10 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = bench_train.model_config(args.shape, None).vocab_size
     steps = by_step(make_pairs(args.pairs * (args.warmup + args.steps), args.prompt, args.answer, vocab), args.pairs)
-    run = tuneforge_row if ROWS[name]["engine"] == "tuneforge" else trl_row
-    got = run(args, steps, dev)
+    if ROWS[name]["engine"] == "tuneforge":
+        got = tuneforge_row(args, steps, dev, ROWS[name].get("budget_gib"))
+    else:
+        got = trl_row(args, steps, dev)
     if len(got["step_s"]) != len(steps):
         raise RuntimeError(f"{len(got['step_s'])} steps timed of {len(steps)}")
     timed = range(args.warmup, len(steps))
