@@ -120,25 +120,10 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scalin
     return _dense_cache[key]
 
 
-def base_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """x W^T (+ bias) with the very matmul LoraLinearFunction makes its base part with: with the
-    adapter off, DPO's reference must be the policy's numbers at step 0 (B = 0), bit for bit. Through
-    peft's own forward (another GEMM call, and on a GPU another cuBLAS algorithm) the bf16 sums
-    over 2k-token answers of a 7B model differed by ~3 nats, and the first DPO loss was 0.567, not
-    log 2."""
-    shape = x.shape
-    y = x.reshape(-1, shape[-1]).to(dtype) @ base_weight(weight, dtype).t()
-    if bias is not None:
-        y = y + bias.to(dtype)
-    return y.view(*shape[:-1], y.shape[-1])
-
-
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     adapters = [n for n in self.active_adapters if n in self.lora_A]
-    plain = not (self.merged or args or kwargs or len(adapters) != 1 or adapters[0] in getattr(self, "lora_variant", {}))
-    if plain and self.disable_adapters and _dense_cache is None:
-        return base_only(x, self.base_layer.weight, self.base_layer.bias, compute_dtype(x))
-    if not plain or self.disable_adapters:
+    if self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1 \
+            or adapters[0] in getattr(self, "lora_variant", {}):
         return type(self).forward(self, x, *args, **kwargs)
     name = adapters[0]
     drop = self.lora_dropout[name]
