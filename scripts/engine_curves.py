@@ -104,8 +104,15 @@ def curves(root: Path, names: list[str], keep: Path | None = None) -> dict[str, 
     return out
 
 
+# The last decimal train_log.jsonl keeps of each (the recipe rounds loss to 6, grad_norm to 4). The
+# curves were recorded on a CPU without AVX-512; on one with it (another BLAS kernel, another fp32
+# summation order) a 50-step grad norm moved by one unit in its 4th decimal (8.5999 against 8.6):
+# a value may move by one logged unit, a change of the code by more.
+LOGGED_UNIT = {"loss": 1e-6, "grad_norm": 1e-4}
+
+
 def differences(got: dict[str, list[dict]], want: dict[str, list[dict]], rel: float = 1e-6) -> list[str]:
-    """Where GOT's curves leave WANT's by more than REL (relative), one line each."""
+    """Where GOT's curves leave WANT's by more than REL (relative) plus one logged unit, one line each."""
     bad = []
     for name, rows in want.items():
         have = {r["step"]: r for r in got.get(name, [])}
@@ -115,7 +122,7 @@ def differences(got: dict[str, list[dict]], want: dict[str, list[dict]], rel: fl
                 bad.append(f"{name}: step {r['step']} missing")
                 continue
             for key in ("loss", "grad_norm"):
-                if abs(h[key] - r[key]) > rel * abs(r[key]) + 1e-12:
+                if abs(h[key] - r[key]) > rel * abs(r[key]) + LOGGED_UNIT[key] * 1.001:
                     bad.append(f"{name}: step {r['step']} {key} {h[key]} != {r[key]}")
     return bad
 
