@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.encode import IGNORE
-from tuneforge.fast.cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
+from tuneforge.fast.cross_entropy import (
+    LinearCrossEntropyFunction,
+    linear_cross_entropy,
+    linear_token_logps,
+)
 from tuneforge.fast.lora import fuse_lora
 from tuneforge.fast.mlp import SwiGLUFunction
 from tuneforge.fast.norm import fuse_rmsnorm
@@ -110,6 +114,32 @@ def test_linear_cross_entropy_matches_full_logits(head_trains, monkeypatch):
     torch.testing.assert_close(g2[0], gh, rtol=1e-4, atol=1e-5)
     if head_trains:
         torch.testing.assert_close(g2[1], gw[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["frozen", "trains", "lora"])
+def test_linear_token_logps_match_full_logits_with_a_weight_per_token(head, monkeypatch):
+    """The preference losses' per-token log-probabilities by chunks: values, and gradients under
+    an upstream gradient that differs per token (each answer's own), as log_softmax of the whole
+    logits gives them; for the head's weight and for a LoRA on the head too."""
+    monkeypatch.setattr("tuneforge.fast.cross_entropy.CHUNK_ELEMENTS", 50 * 7)  # several chunks
+    torch.manual_seed(0)
+    h = torch.randn(23, 12, requires_grad=True)
+    w = torch.randn(50, 12, requires_grad=head == "trains")
+    a, b = torch.randn(4, 12, requires_grad=True), torch.randn(50, 4, requires_grad=True)
+    t = torch.randint(0, 50, (23,))
+    upstream = torch.randn(23)
+    params = [h] + ([w] if head == "trains" else []) + ([a, b] if head == "lora" else [])
+
+    def logits_of(x):
+        return x @ w.t() + (0.5 * (x @ a.t()) @ b.t() if head == "lora" else 0)
+    want = torch.log_softmax(logits_of(h), dim=-1).gather(1, t[:, None]).squeeze(1)
+    grads = torch.autograd.grad((want * upstream).sum(), params)
+    h2 = h.detach().clone().requires_grad_(True)
+    got = linear_token_logps(h2, w, t, (h2 @ a.t(), b, 0.5) if head == "lora" else None)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    got_grads = torch.autograd.grad((got * upstream).sum(), [h2] + params[1:])
+    for g, expected in zip(got_grads, grads, strict=True):
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_linear_cross_entropy_all_ignored_is_zero():

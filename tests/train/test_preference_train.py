@@ -77,6 +77,29 @@ def tiny_pairs(tmp_path: Path) -> Path:
                         for i in range(8)])
 
 
+def test_the_chunked_head_gives_the_plain_forwards_answer_log_probs_and_gradients(tiny_model_dir, tmp_path):
+    """answer_logps through the fast path (decoder, then the head a chunk at a time) against the
+    model's plain forward and full logits: the same summed log-probabilities and gradients."""
+    from tuneforge.train.objective import answer_logps
+
+    cfg = tiny_config(tiny_model_dir, tiny_pairs(tmp_path), objective="dpo", dtype="float32")
+    recipe = Recipe(cfg, tmp_path / "w", RunOptions(progress=False))
+    recipe.setup()
+    assert recipe.fast.linear_ce
+    batch = model_inputs(collate([recipe.rows[0], recipe.rows[1]], recipe.tokenizer.pad_token_id), False, recipe.device)
+    out = []
+    for fast in (recipe.fast, None):
+        recipe.model.zero_grad()
+        logps, counts = answer_logps(recipe.model, batch, fast)
+        (logps * torch.arange(1.0, logps.numel() + 1).view_as(logps)).sum().backward()  # a weight per answer
+        out.append((logps.detach(), counts, [p.grad.clone() for p in recipe.named.values()]))
+    (a, ca, ga), (b, cb, gb) = out
+    assert torch.equal(ca, cb)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_the_reward_margin_grows_over_30_steps(tiny_model_dir, tmp_path):
     """DPO on the tiny model: the implicit reward margin (chosen minus rejected, beta times the
     log-ratio to the reference) starts at 0 on every training pair and grows: each ten steps'

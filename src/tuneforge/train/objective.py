@@ -29,7 +29,8 @@ from tuneforge.config.schema import Config
 from tuneforge.data.batching import collate, labelled, model_inputs, pairs_in, varlen_arguments
 from tuneforge.data.encode import IGNORE
 from tuneforge.data.pack import Row
-from tuneforge.fast.path import FastPath
+from tuneforge.fast.cross_entropy import linear_token_logps
+from tuneforge.fast.path import FastPath, causal_lm, head_for_linear_ce
 from tuneforge.models import probe
 from tuneforge.train import parallel, preference
 from tuneforge.train.loss import loss_sum
@@ -71,8 +72,16 @@ def answer_logps(model: Any, batch: dict[str, Any], fast: FastPath | None) -> tu
     fast = fast or FastPath()
     targets = batch["labels"][:, 1:]
     seq = batch["sequence_ids"][:, 1:]
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
     extra = varlen_arguments(batch) if fast.varlen else {}
+    if fast.linear_ce:  # decoder, then the head in chunks: 2k-token answers' logits are GBs at 92k words
+        hidden = causal_lm(model).get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                                use_cache=False, **extra).last_hidden_state
+        trained = targets != IGNORE
+        head = head_for_linear_ce(model)
+        h = hidden[:, :-1][trained]
+        logps = linear_token_logps(h, head.weight, targets[trained], head.low_rank(h))
+        return preference.sequence_sums(logps, seq[trained], 2 * batch["pairs"])
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
     if probe.accepts(model, "logits_to_keep"):
         extra["logits_to_keep"] = keep
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,

@@ -46,7 +46,11 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, sequence: torch.
     """Summed log-probabilities and token counts of each of N sequences' labelled tokens: LOGITS
     (tokens, vocab) predict TARGETS (tokens,), which belong to sequences SEQUENCE (tokens,); only
     labelled tokens are passed in. Both (N // 2, 2)."""
-    logps = token_logps(logits, targets)
+    return sequence_sums(token_logps(logits, targets), sequence, n)
+
+
+def sequence_sums(logps: torch.Tensor, sequence: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LOGPS (tokens,) summed by SEQUENCE into N sequences, and the token counts; both (N // 2, 2)."""
     return per_sequence(logps, sequence, n), per_sequence(torch.ones_like(logps), sequence, n)
 
 
