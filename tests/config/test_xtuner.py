@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hub_cache import alpaca, hub_snapshot, offline_env
 from waits import tuneforge
 
 from tuneforge.config import load_config
@@ -375,3 +376,44 @@ def test_a_map_function_that_is_not_chat_sft_stops_before_the_first_record(tmp_p
         cfg = load_config(_write(tmp_path, "m", identity_data, text), {"skip_bad_lines": True})
         with pytest.raises(UserError, match=rf"{identity_data.name}: dataset_map_fn={fn}: .*{needle}"):
             build_rows(cfg, tokenizer, get_template(cfg.prompt_template, tokenizer), use_cache=False)
+
+
+def _seed(text: str = XTUNER_CONFIG) -> str:
+    """The config as XTuner ships it, before the tutorial's edits: the data by its Hub name
+    (alpaca_en_path = 'tatsu-lab/alpaca', read by load_dataset(path=alpaca_en_path)) and mapped
+    by alpaca_map_fn."""
+    text = text.replace("dataset=dict(type=load_dataset, path='json', data_files=dict(train=alpaca_en_path))",
+                        "dataset=dict(type=load_dataset, path=alpaca_en_path)")
+    return text.replace("dataset_map_fn=None,\n    template_map_fn", "dataset_map_fn=alpaca_map_fn,\n    template_map_fn")
+
+
+def test_the_seed_configs_load_dataset_by_name_becomes_a_dataset_name(tmp_path):
+    path = _write(tmp_path, "m", "tatsu-lab/alpaca", _seed())
+    settings, _ = read_xtuner_config(path)
+    assert settings["data_files"] == "tatsu-lab/alpaca" and settings["data_format"] == "alpaca_map_fn"
+    # load_dataset's name, split, data_files and streaming choose the entry's part of the dataset
+    text = _seed().replace("path=alpaca_en_path)", "path=alpaca_en_path, name='en', split='train[:100]', "
+                           "data_files=dict(train='data/en-*.parquet'), streaming=True)")
+    settings, _ = read_xtuner_config(_write(tmp_path, "m", "tatsu-lab/alpaca", text))
+    assert settings["data_files"] == [{"path": "tatsu-lab/alpaca", "subset": "en", "split": "train[:100]",
+                                       "data_files": "data/en-*.parquet", "streaming": True}]
+    assert "alpaca_en_path" not in settings  # the entry replaces the alias
+    cfg = load_config(_write(tmp_path, "m", "tatsu-lab/alpaca", text), {"max_steps": 5})
+    assert (cfg.data_sources[0].subset, cfg.data_sources[0].streaming) == ("en", True)
+
+
+def test_the_seed_config_offline_names_the_fix_then_trains_once_the_cache_holds_the_dataset(tiny_model_dir, tmp_path):
+    path = _write(tmp_path, tiny_model_dir, "tatsu-lab/alpaca", _seed())
+    home, work = tmp_path / "hf", tmp_path / "work"
+    args = ("train", str(path), "--work-dir", str(work), "--no-progress", "--cfg-options", "method=lora",
+            "max_steps=2", "replay_general=False", "identity_guard=False", "evaluation_inputs=[]")
+    proc = tuneforge(*args, env=offline_env(home), cwd=tmp_path, seconds=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "dataset 'tatsu-lab/alpaca' not found" in last and "hf download --repo-type dataset tatsu-lab/alpaca" in last
+    assert str(home / "hub" / "datasets--tatsu-lab--alpaca") in last
+    # a tiny stand-in where `hf download --repo-type dataset tatsu-lab/alpaca` puts the real one
+    hub_snapshot(home / "hub", "tatsu-lab/alpaca", {"train": [alpaca(16)]})
+    proc = tuneforge(*args, env=offline_env(home), cwd=tmp_path, seconds=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16 samples from 1 dataset(s)" in proc.stdout and (work / "iter_2.pth").is_file()

@@ -34,19 +34,36 @@ def _check_format(v: str | None) -> str | None:
 
 
 class DataSource(BaseModel):
-    """One entry of ``data_files`` when it needs more than a path: mixing ratios, its own format."""
+    """One entry of ``data_files`` when it needs more than a path: mixing ratios, its own format,
+    and for a dataset read through the ``datasets`` library (a Hub name ``org/name``,
+    ``hf://org/name``, ``modelscope://org/name``, or a local dataset folder) which part of it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str
+    path: str  # a file or folder; or a dataset name (a local path that exists wins: docs/data.md)
     repeat: int = Field(1, ge=1)  # use every sample this many times per epoch
     max_samples: int | None = Field(None, gt=0)  # take the first N samples of the file only
     format: str | None = None  # this file's format (None: the config's data_format)
+    # A dataset's split (None: 'train'; slices as datasets writes them: 'train[:2000]'), its subset
+    # (load_dataset's `name`, XTuner's `name=`), and the files to read from its repository
+    # (load_dataset's `data_files`, e.g. 'data/en-*.parquet').
+    split: str | None = None
+    subset: str | None = None
+    data_files: str | list[str] | None = None
+    # Read the records lazily, as training needs them, instead of downloading and converting the
+    # whole set first: for data larger than the disk. Needs max_steps (or max_samples): a stream
+    # has no length to plan epochs by. Not kept in the token cache.
+    streaming: bool = False
 
     @field_validator("format")
     @classmethod
     def _known_format(cls, v: str | None) -> str | None:
         return _check_format(v)
+
+    @property
+    def dataset_part(self) -> bool:
+        """Whether the entry names a part of a dataset (a split, subset or repository files)."""
+        return self.split is not None or self.subset is not None or self.data_files is not None
 
 
 class Config(BaseModel):
@@ -154,6 +171,16 @@ class Config(BaseModel):
         if not v:
             raise ValueError("needs at least one data file")
         return v
+
+    @model_validator(mode="after")
+    def _streams_end(self) -> Config:
+        """A streamed source is read as far as the run trains: max_steps (or its max_samples) says how far."""
+        for src in self.data_sources:
+            if src.streaming and self.max_steps is None and src.max_samples is None:
+                raise ValueError(f"data_files {src.path!r} is streamed (streaming=True), which needs max_steps "
+                                 "(a stream has no length to plan epochs by); set max_steps, or max_samples on "
+                                 "the entry to train epochs over its first N records")
+        return self
 
     @model_validator(mode="after")
     def _lora_targets(self) -> Config:

@@ -324,13 +324,43 @@ def _find_datasets(env: dict[str, Any]) -> list[dict]:
     return found
 
 
-def _dataset_files(ds: dict) -> Any:
-    """dataset=dict(type=load_dataset, path=..., data_files=...): the files (or hub name), or None."""
-    inner = _sub(ds, "dataset")
-    files = inner.get("data_files")
-    if files is None and isinstance(inner.get("path"), str) and inner.get("path") not in ("json", "csv", "parquet"):
-        files = inner["path"]  # a hub dataset name, or a local path
+# load_dataset's builders for local files: path='json' reads data_files; any other path is a
+# dataset (a Hub name such as XTuner's default 'tatsu-lab/alpaca', or a local folder or file)
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+# load_dataset's keyword arguments that choose a part of a dataset, and the data_files entry keys
+DATASET_PARTS = {"name": "subset", "split": "split", "data_files": "data_files", "streaming": "streaming"}
+
+
+def _one_value(files: Any) -> Any:
+    """data_files as load_dataset takes them: dict(train=...) with one split is its value."""
     return list(files.values())[0] if isinstance(files, dict) and len(files) == 1 else files
+
+
+def _dataset_entry(m: _Mapping, path: str, inner: dict, ds: dict) -> str | dict:
+    """load_dataset(path=NAME, name=..., split=..., data_files=..., streaming=...) as a data_files
+    entry: the name alone, or {'path': NAME, 'subset': ..., ...} when it chooses a part. The split
+    is load_dataset's, else process_hf_dataset's own (XTuner's default: 'train')."""
+    given = {**({"split": ds["split"]} if "split" in ds else {}), **inner}
+    entry: dict[str, Any] = {"path": path}
+    for key, ours in DATASET_PARTS.items():
+        value = _one_value(given.get(key))
+        if value is None:
+            continue
+        if isinstance(value, Ref | Call | Unknown | dict):
+            m.report.ignored[f"load_dataset {key}"] = f"{_short(value)} is not a plain value"
+        else:
+            entry[ours] = value
+    return entry if len(entry) > 1 else path
+
+
+def _dataset_files(m: _Mapping, ds: dict) -> Any:
+    """dataset=dict(type=load_dataset, path=..., data_files=...): the files, a dataset (its name,
+    or an entry naming its part), or None."""
+    inner = _sub(ds, "dataset")
+    path = inner.get("path")
+    if isinstance(path, str) and path not in PACKAGED_BUILDERS:
+        return _dataset_entry(m, path, inner, ds)
+    return _one_value(inner.get("data_files"))
 
 
 def _data_format(m: _Mapping, ds: dict) -> str | None:
@@ -352,12 +382,13 @@ def _data_sources(m: _Mapping, datasets: list[dict]) -> list[dict]:
     """One data_files entry per file of each dataset, with that dataset's format."""
     sources = []
     for ds in datasets:
-        files, fmt = _dataset_files(ds), _data_format(m, ds)
+        files, fmt = _dataset_files(m, ds), _data_format(m, ds)
         if files is None:
             raise UserError(f"{m.path}: a dataset of the ConcatDataset names no data files "
                             "(dataset=dict(type=load_dataset, path=... or data_files=...))")
         for f in files if isinstance(files, list | tuple) else [files]:
-            sources.append({"path": f, **({"format": fmt} if fmt and fmt != "auto" else {})})
+            entry = f if isinstance(f, dict) else {"path": f}
+            sources.append({**entry, **({"format": fmt} if fmt and fmt != "auto" else {})})
     return sources
 
 
@@ -369,9 +400,9 @@ def _map_dataset(m: _Mapping, env: dict[str, Any]) -> None:
         return
     ds = datasets[0]
     if len(datasets) == 1:
-        files, fmt = _dataset_files(ds), _data_format(m, ds)
+        files, fmt = _dataset_files(m, ds), _data_format(m, ds)
         if files is not None:
-            m.take("data_files", files)
+            m.take("data_files", [files] if isinstance(files, dict) else files)
         if fmt is not None:
             m.take("data_format", fmt)
     else:

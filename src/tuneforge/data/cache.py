@@ -2,7 +2,9 @@
 
 A file's samples are stored flat (int32 token and label arrays plus offsets, memory-mapped on
 load), keyed by the file's content and everything that changes the tokens: tokenizer, template,
-system prompt, max_length, format. Large files are encoded in parallel worker processes.
+system prompt, max_length, format. Large files are encoded in parallel worker processes. A
+dataset read through ``datasets`` is keyed by its name, split and the Arrow files ``datasets``
+keeps it in; a streamed one is encoded as far as the run reads it (``ReadLimit``) and not kept.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tuneforge.data.encode import Encoded, encode
-from tuneforge.data.formats import Message, Sample, iter_samples
+from tuneforge.data.formats import Message, Sample, Source, iter_samples
 from tuneforge.data.pairs import Pair, iter_pairs
 from tuneforge.data.templates import Template, split_for_training
 from tuneforge.errors import UserError
@@ -102,6 +105,49 @@ def _encode_chunk(args: tuple[list[Sample] | list[Pair], Any, EncodeSettings]) -
     return [encode_sample(s, tokenizer, settings) for s in samples]
 
 
+@dataclass(frozen=True)
+class ReadLimit:
+    """How far to read a streamed source: the first ITEMS samples (or pairs) at most, and no more
+    once its usable ones (with an answer token left, and not truncated where those are dropped)
+    number USABLE or hold TOKENS tokens: packed rows hold at most max_length tokens each, so
+    rows * max_length tokens pack into at least the rows the run trains."""
+
+    items: int | None = None
+    usable: int | None = None
+    tokens: int | None = None
+    drop_truncated: bool = False
+
+    def reached(self, items: int, usable: int, tokens: int) -> bool:
+        return ((self.items is not None and items >= self.items) or (self.usable is not None and usable >= self.usable)
+                or (self.tokens is not None and tokens >= self.tokens))
+
+
+def _until(encoded: Iterator[Encoded], limit: ReadLimit, per_item: int) -> Iterator[Encoded]:
+    """ENCODED up to LIMIT, counted per item (PER_ITEM encoded samples: a pair's two sides); the
+    source behind it is read no further than that."""
+    items = usable = tokens = 0
+    group: list[Encoded] = []
+    for e in encoded:
+        group.append(e)
+        if len(group) < per_item:
+            continue
+        yield from group
+        items += 1
+        if all(g.n_trained > 0 and not (limit.drop_truncated and g.truncated) for g in group):
+            usable += 1
+            tokens += sum(len(g.input_ids) for g in group)
+        group = []
+        if limit.reached(items, usable, tokens):
+            return
+
+
+def _one_by_one(samples: Iterator[Sample] | Iterator[Pair], tokenizer: Any,
+                settings: EncodeSettings) -> Iterator[Encoded]:
+    """Encode lazily, one sample (or pair) at a time: a stream is read only as far as it is used."""
+    for s in samples:
+        yield from _encode_chunk(([s], tokenizer, settings))
+
+
 def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
     batch: list[Sample] = []
     for s in samples:
@@ -144,11 +190,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(path: Path, tokenizer_fp: str, settings: EncodeSettings) -> str:
+def cache_key(path: Source, tokenizer_fp: str, settings: EncodeSettings) -> str:
+    """What the tokens of PATH depend on: its content (a file's bytes; a dataset's identity, which
+    data/hub.py gives) and every setting that changes the encoding."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    if isinstance(path, Path):
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(str(path.identity).encode())
     t = settings.template
     h.update(json.dumps([FORMAT_VERSION, tokenizer_fp, t.name, t.chat_template, settings.system,
                          settings.max_length, settings.data_format, settings.skip_bad_lines]
@@ -191,18 +242,28 @@ def _load(store_dir: Path) -> TokenStore:
                       json.loads((store_dir / "bad.json").read_text()))
 
 
-def encode_file(path: Path, tokenizer: Any, settings: EncodeSettings,
-                tokenizer_fp: str | None = None, use_cache: bool = True) -> tuple[TokenStore, bool]:
-    """The file's encoded samples, from the cache when it has them; returns (store, was_cached)."""
-    key = cache_key(path, tokenizer_fp or tokenizer_fingerprint(tokenizer), settings)
-    store_dir = data_cache_dir() / key
-    if use_cache and (store_dir / "bad.json").is_file():
-        return _load(store_dir), True
+def encode_file(path: Source, tokenizer: Any, settings: EncodeSettings, tokenizer_fp: str | None = None,
+                use_cache: bool = True, limit: ReadLimit | None = None) -> tuple[TokenStore, bool]:
+    """The file's (or dataset's) encoded samples, from the cache when it has them; returns
+    (store, was_cached). With LIMIT, only as much as it allows is read, and nothing is cached."""
+    cached = use_cache and limit is None and (isinstance(path, Path) or path.identity is not None)
+    if cached:
+        store_dir = data_cache_dir() / cache_key(path, tokenizer_fp or tokenizer_fingerprint(tokenizer), settings)
+        if (store_dir / "bad.json").is_file():
+            return _load(store_dir), True
     bad: list[str] = []
     read = iter_pairs if settings.pairs else iter_samples
     samples = read(path, settings.data_format, bad if settings.skip_bad_lines else None)
-    if not use_cache:
-        store_dir = Path(tempfile.mkdtemp(prefix="tuneforge-data-")) / key
-    encoded = _encoded_stream(samples, tokenizer, settings)
-    _write(store_dir, encoded, bad)  # bad is filled while the stream is consumed
-    return _load(store_dir), False
+    if limit is not None:
+        encoded = _until(_one_by_one(samples, tokenizer, settings), limit, 2 if settings.pairs else 1)
+    else:
+        encoded = _encoded_stream(samples, tokenizer, settings)
+    if cached:
+        _write(store_dir, encoded, bad)  # bad is filled while the stream is consumed
+        return _load(store_dir), False
+    scratch = Path(tempfile.mkdtemp(prefix="tuneforge-data-"))
+    try:
+        _write(scratch / "store", encoded, bad)
+        return _load(scratch / "store"), False  # memory-mapped: the mapping outlives the files on POSIX
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,16 +1,25 @@
-"""Config -> training rows: find files, encode them (cached), pick samples, pack."""
+"""Config -> training rows: find files (or datasets), encode them (cached), pick samples, pack."""
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tuneforge.config.schema import Config, DataSource
-from tuneforge.data.cache import EncodeSettings, TokenStore, encode_file, tokenizer_fingerprint
+from tuneforge.data.cache import (
+    EncodeSettings,
+    ReadLimit,
+    TokenStore,
+    encode_file,
+    tokenizer_fingerprint,
+)
+from tuneforge.data.formats import Source
+from tuneforge.data.hub import open_dataset, open_local, saved_dataset
 from tuneforge.data.pack import Row, assemble, assemble_pairs, fill_rate, pack_lengths
 from tuneforge.data.templates import Template
 from tuneforge.errors import UserError
@@ -32,12 +41,18 @@ class DatasetStats:
     cached_files: int
     seconds: float
     unit: str = "samples"  # "pairs" for preference data
+    datasets: int = 0  # of the files, how many are datasets read through `datasets`
+    streamed: list[str] = field(default_factory=list)  # "57 records of org/name[train]", per streamed source
 
     def summary(self) -> str:
         extra = f", dropped {self.dropped}" if self.dropped else ""
         extra += f", skipped {self.bad_lines} bad line(s)" if self.bad_lines else ""
+        extra += f", streamed {', '.join(self.streamed)}" if self.streamed else ""
         cached = f", {self.cached_files} of {len(self.files)} file(s) from cache" if self.cached_files else ""
-        return (f"{self.samples} {self.unit} from {len(self.files)} file(s) -> {self.rows} rows, "
+        n_files = len(self.files) - self.datasets
+        read = " and ".join(([f"{n_files} file(s)"] if n_files or not self.datasets else [])
+                            + ([f"{self.datasets} dataset(s)"] if self.datasets else []))
+        return (f"{self.samples} {self.unit} from {read} -> {self.rows} rows, "
                 f"{self.tokens} tokens ({self.trained_tokens} trained), fill {self.fill_rate:.1%}, "
                 f"truncated {self.truncated}{extra} [{self.seconds:.1f}s{cached}]")
 
@@ -62,24 +77,67 @@ class TrainRows:
         return [int(self.lengths[g].sum()) for g in self.groups]
 
 
-def resolve_data_path(name: str, cfg: Config) -> list[Path]:
-    """The files a data_files entry names: a file or a folder of .jsonl/.json files, as written
-    or beside the config file; a clear error when neither exists."""
+def _candidates(name: str, cfg: Config) -> list[Path]:
+    """Where a data_files entry may be: as written, then beside the config file."""
     candidates = [Path(name).expanduser()]
     if cfg.config_file and not Path(name).is_absolute():
         candidates.append(Path(cfg.config_file).parent / name)
+    return candidates
+
+
+def _files_in(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"data folder '{path}' holds no .jsonl, .json or .parquet files")
+    return files
+
+
+def resolve_data_path(name: str, cfg: Config) -> list[Path]:
+    """The files a data_files entry names: a file or a folder of .jsonl/.json files, as written
+    or beside the config file; a clear error when neither exists."""
+    candidates = _candidates(name, cfg)
     for path in candidates:
-        if path.is_file():
-            return [path]
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
-            if not files:
-                raise UserError(f"data folder '{path}' holds no .jsonl, .json or .parquet files")
-            return files
+        if path.exists():
+            return _files_in(path)
     raise UserError(
         f"data file '{name}' not found (looked in {', '.join(str(c) for c in candidates)}); "
-        "set data_files (or alpaca_en_path) in the config to a local .jsonl/.json/.parquet file or folder"
+        "set data_files (or alpaca_en_path) in the config to a local .jsonl/.json/.parquet file or folder, "
+        "or a dataset name (org/name: docs/data.md)"
     )
+
+
+def resolve_source(src: DataSource, cfg: Config) -> list[Source]:
+    """What a data_files entry reads: its files where the path exists (a local path always wins
+    over a name; a folder that datasets wrote, or one given a split or subset, is read as a
+    dataset), else the dataset it names (Hub or ModelScope), else the error for a missing file."""
+    candidates = _candidates(src.path, cfg)
+    for path in candidates:
+        if not path.exists():
+            continue
+        if saved_dataset(path) or (path.is_dir() and src.dataset_part):
+            return [open_local(path, src)]
+        if src.subset is not None or src.data_files is not None or src.split not in (None, "train"):
+            raise UserError(f"{path}: split, subset and data_files choose a part of a dataset; this is a file, "
+                            "read whole (remove them from its data_files entry)")
+        return list(_files_in(path))
+    found = open_dataset(src, candidates)
+    return [found] if found is not None else list(resolve_data_path(src.path, cfg))
+
+
+def read_limit(cfg: Config, src: DataSource) -> ReadLimit | None:
+    """How far a streamed SRC is read: as many rows as the run trains (max_steps' micro-batches on
+    every rank: torchrun's WORLD_SIZE; each rank reads the same beginning), or its max_samples.
+    None for a source read whole."""
+    if not src.streaming:
+        return None
+    rows = None
+    if cfg.max_steps:
+        rows = cfg.max_steps * cfg.batch_size * cfg.accumulative_counts * int(os.environ.get("WORLD_SIZE", "1"))
+    packed = rows is not None and cfg.pack_to_max_length
+    return ReadLimit(items=src.max_samples, usable=None if packed else rows,
+                     tokens=rows * cfg.max_length if packed else None, drop_truncated=cfg.long_samples == "drop")
 
 
 def encode_settings(cfg: Config, template: Template, source: DataSource | None = None) -> EncodeSettings:
@@ -93,11 +151,17 @@ def encode_settings(cfg: Config, template: Template, source: DataSource | None =
 class _Gathered:
     """Every source's files encoded, and the (store, index) of each item in training order."""
     stores: list[TokenStore]
-    files: list[Path]
+    files: list[Source]
     store_of: np.ndarray
     index_of: np.ndarray
     cached: int  # files read from the token cache
     bad: int  # bad lines skipped
+    streamed: list[str]  # how much of each streamed source was read
+
+    def stats(self, **numbers: Any) -> DatasetStats:
+        datasets = sum(not isinstance(f, Path) for f in self.files)
+        return DatasetStats(files=[str(f) for f in self.files], bad_lines=self.bad, cached_files=self.cached,
+                            datasets=datasets, streamed=self.streamed, **numbers)
 
 
 def _gather(cfg: Config, sources: list[DataSource], tokenizer: Any, template: Template, use_cache: bool,
@@ -106,15 +170,19 @@ def _gather(cfg: Config, sources: list[DataSource], tokenizer: Any, template: Te
     pair's two sides), each source cut to its max_samples and repeated. None usable: one line."""
     fp = tokenizer_fingerprint(tokenizer)
     stores: list[TokenStore] = []
-    files: list[Path] = []
+    files: list[Source] = []
     store_of: list[np.ndarray] = []
     index_of: list[np.ndarray] = []
     cached = 0
+    streamed: list[str] = []
     for src in sources:
         s_of, i_of = [], []
-        for path in resolve_data_path(src.path, cfg):
-            store, hit = encode_file(path, tokenizer, encode_settings(cfg, template, src), fp, use_cache)
+        for path in resolve_source(src, cfg):
+            store, hit = encode_file(path, tokenizer, encode_settings(cfg, template, src), fp, use_cache,
+                                     read_limit(cfg, src))
             cached += hit
+            if src.streaming:
+                streamed.append(f"{len(store) // per_item + len(store.bad)} records of {path}")
             s_of.append(np.full(len(store) // per_item, len(stores)))
             i_of.append(np.arange(len(store) // per_item))
             stores.append(store)
@@ -130,7 +198,7 @@ def _gather(cfg: Config, sources: list[DataSource], tokenizer: Any, template: Te
         first = next((b for s in stores for b in s.bad), "")
         raise UserError(f"no usable {what} in the data files"
                         + (f" ({bad} bad lines, all skipped; the first: {first})" if bad else ""))
-    return _Gathered(stores, files, s_all, i_all, cached, bad)
+    return _Gathered(stores, files, s_all, i_all, cached, bad, streamed)
 
 
 def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool = True,
@@ -138,7 +206,7 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool 
     """Rows for the config's data, plus EXTRA sources (replay data) when given."""
     started = time.time()
     g = _gather(cfg, cfg.data_sources + (extra or []), tokenizer, template, use_cache, 1, "sample")
-    stores, files, s_all, i_all, cached, bad = g.stores, g.files, g.store_of, g.index_of, g.cached, g.bad
+    stores, s_all, i_all = g.stores, g.store_of, g.index_of
 
     lengths = np.empty(len(s_all), dtype=np.int64)
     trained = np.empty(len(s_all), dtype=np.int64)
@@ -157,12 +225,11 @@ def build_rows(cfg: Config, tokenizer: Any, template: Template, use_cache: bool 
     groups = (pack_lengths(len_used.tolist(), cfg.max_length) if cfg.pack_to_max_length
               else [[k] for k in range(len(len_used))])
     rows = TrainRows(stores, s_used, i_used, groups, len_used)
-    stats = DatasetStats(
-        files=[str(f) for f in files], samples=len(s_all), truncated=int(truncated.sum()),
-        dropped=int((~keep).sum()), bad_lines=bad, rows=len(groups), tokens=int(len_used.sum()),
-        trained_tokens=int(trained[keep].sum()),
+    stats = g.stats(
+        samples=len(s_all), truncated=int(truncated.sum()), dropped=int((~keep).sum()), rows=len(groups),
+        tokens=int(len_used.sum()), trained_tokens=int(trained[keep].sum()),
         fill_rate=fill_rate(rows.row_lengths(), cfg.max_length) if cfg.pack_to_max_length else 1.0,
-        cached_files=cached, seconds=time.time() - started,
+        seconds=time.time() - started,
     )
     return rows, stats
 
@@ -189,7 +256,7 @@ def build_pair_rows(cfg: Config, tokenizer: Any, template: Template,
     """Rows of the config's preference pairs, both answers of a pair in one row."""
     started = time.time()
     g = _gather(cfg, cfg.data_sources, tokenizer, template, use_cache, 2, "preference pair")
-    stores, files, s_all, i_all, cached, bad = g.stores, g.files, g.store_of, g.index_of, g.cached, g.bad
+    stores, s_all, i_all = g.stores, g.store_of, g.index_of
     lengths = np.empty(len(s_all), dtype=np.int64)
     trained = np.empty((len(s_all), 2), dtype=np.int64)
     truncated = np.empty(len(s_all), dtype=bool)
@@ -208,12 +275,11 @@ def build_pair_rows(cfg: Config, tokenizer: Any, template: Template,
     groups = (pack_lengths(len_used.tolist(), cfg.max_length) if cfg.pack_to_max_length
               else [[k] for k in range(len(len_used))])
     rows = PairRows(stores, s_used, i_used, groups, len_used)
-    stats = DatasetStats(
-        files=[str(f) for f in files], samples=len(s_all), truncated=int(truncated.sum()),
-        dropped=int((~keep).sum()), bad_lines=bad, rows=len(groups), tokens=int(len_used.sum()),
-        trained_tokens=int(trained[keep].sum()),
+    stats = g.stats(
+        samples=len(s_all), truncated=int(truncated.sum()), dropped=int((~keep).sum()), rows=len(groups),
+        tokens=int(len_used.sum()), trained_tokens=int(trained[keep].sum()),
         fill_rate=fill_rate(rows.row_lengths(), cfg.max_length) if cfg.pack_to_max_length else 1.0,
-        cached_files=cached, seconds=time.time() - started, unit="pairs",
+        seconds=time.time() - started, unit="pairs",
     )
     return rows, stats
 

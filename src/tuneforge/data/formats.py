@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tuneforge.data.xtuner_maps import apply_map, check_map
 from tuneforge.errors import UserError
@@ -40,7 +40,19 @@ class Message:
 @dataclass(frozen=True)
 class Sample:
     messages: tuple[Message, ...]
-    where: str  # "file:line", for error messages
+    where: str  # "file:line" (or "dataset[split]:row"), for error messages
+
+
+class RecordReader(Protocol):
+    """Records that come from a dataset rather than from a file we read (data/hub.py): each one
+    is named "NAME[split]:ROW" where a file's would be "FILE:LINE"."""
+
+    kind: str  # how it is read, as check-dataset reports it ("dataset", "dataset, streamed")
+
+    def records(self) -> Iterator[tuple[str, Any]]: ...
+
+
+Source = Path | RecordReader  # what a data_files entry resolves to: files, or a dataset
 
 
 def _type_name(value: Any) -> str:
@@ -380,20 +392,26 @@ def _json_lines_records(path: Path, bad: list[str] | None) -> Iterator[tuple[str
             yield f"{path}:{lineno}", record
 
 
-def file_kind(path: Path) -> str:
-    """How ``iter_records`` reads PATH: "Parquet", "JSON list" or "JSON Lines"."""
+def file_kind(path: Source) -> str:
+    """How ``iter_records`` reads PATH: "Parquet", "JSON list" or "JSON Lines" (or the dataset's kind)."""
+    if not isinstance(path, Path):
+        return path.kind
     if path.suffix == ".parquet":
         return "Parquet"
     return "JSON list" if path.suffix == ".json" and _first_char(path) == "[" else "JSON Lines"
 
 
-def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows).
+def iter_records(path: Source, bad: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", record)`` for a .jsonl file (or a .json list, or .parquet rows), or
+    ``("NAME[split]:ROW", record)`` for a dataset's rows.
 
     A ``.json`` file is read by what it holds, as ``datasets.load_dataset('json')`` does: one JSON
     list of records (``"file:[i]"``), or JSON Lines like a .jsonl file. A JSON Lines line of invalid
     JSON raises, or, with BAD given, is recorded there and skipped.
     """
+    if not isinstance(path, Path):
+        yield from path.records()
+        return
     kind = file_kind(path)
     if kind == "Parquet":
         yield from _parquet_records(path)
@@ -409,7 +427,7 @@ def iter_records(path: Path, bad: list[str] | None = None) -> Iterator[tuple[str
 RAW_TEXT_MAP_FNS = ("pretrain_map_fn", "completion_map_fn")
 
 
-def check_format(fmt: str, path: Path) -> None:
+def check_format(fmt: str, path: Source) -> None:
     """A format that cannot read PATH at all stops before its first record (not once per line)."""
     if not fmt.endswith("_map_fn"):
         return
@@ -423,7 +441,12 @@ def check_format(fmt: str, path: Path) -> None:
                         "write the data as conversation records instead")
 
 
-def iter_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> Iterator[Sample]:
+def no_records(path: Source) -> UserError:
+    return UserError(f"{path}: no records; the file is empty" if isinstance(path, Path)
+                     else f"{path}: no records; the split is empty")
+
+
+def iter_samples(path: Source, fmt: str = "auto", bad: list[str] | None = None) -> Iterator[Sample]:
     """Every sample of PATH, streamed. With BAD given, malformed records are appended there and
     skipped; without it the first one raises. A record an XTuner map function maps to nothing
     is skipped, as XTuner skips it."""
@@ -440,8 +463,8 @@ def iter_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) ->
                 raise
             bad.append(str(err))
     if empty and not bad:
-        raise UserError(f"{path}: no records; the file is empty")
+        raise no_records(path)
 
 
-def load_samples(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> list[Sample]:
+def load_samples(path: Source, fmt: str = "auto", bad: list[str] | None = None) -> list[Sample]:
     return list(iter_samples(path, fmt, bad))

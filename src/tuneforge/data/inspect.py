@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tuneforge.config.schema import Config
 from tuneforge.data.cache import encode_file, tokenizer_fingerprint, with_system
-from tuneforge.data.dataset import build_rows, encode_settings, resolve_data_path
+from tuneforge.data.dataset import build_rows, encode_settings, read_limit, resolve_source
 from tuneforge.data.encode import IGNORE, Encoded
-from tuneforge.data.formats import Sample, detect_format, file_kind, iter_records, to_messages
+from tuneforge.data.formats import (
+    Sample,
+    Source,
+    detect_format,
+    file_kind,
+    iter_records,
+    to_messages,
+)
 from tuneforge.data.templates import Template, split_for_training
 from tuneforge.errors import UserError
 
@@ -48,7 +54,7 @@ def masked_text(tokenizer: Any, enc: Encoded) -> str:
 def first_good_sample(cfg: Config) -> Sample | None:
     source = cfg.data_sources[0]
     fmt = source.format or cfg.data_format
-    for path in resolve_data_path(source.path, cfg):
+    for path in resolve_source(source, cfg):
         for where, rec in iter_records(path):
             try:
                 messages = to_messages(rec, fmt, where)
@@ -65,7 +71,7 @@ def marked_render(template: Template, tokenizer: Any, cfg: Config, sample: Sampl
     return "".join(f"⟦{t}⟧" if trained else t for t, trained in segments)
 
 
-def detected_format(path: Path, data_format: str) -> str:
+def detected_format(path: Source, data_format: str) -> str:
     """The record format(s) of PATH's first records, e.g. "alpaca" or "messages 9, unknown 1"."""
     if data_format != "auto":
         return f"{data_format} (data_format)"
@@ -86,11 +92,11 @@ def file_report(cfg: Config, tokenizer: Any, template: Template) -> tuple[list[s
     bad lines. Encodes each file into the cache, so the build that follows reads it back."""
     skipping = cfg.model_copy(update={"skip_bad_lines": True})
     fp = tokenizer_fingerprint(tokenizer)
-    paths = {p: src for src in cfg.data_sources for p in resolve_data_path(src.path, cfg)}
+    paths = {p: src for src in cfg.data_sources for p in resolve_source(src, cfg)}
     lines, bad = [f"files: {len(paths)}"], []
     for path, src in paths.items():
         settings = encode_settings(skipping, template, src)
-        store, _ = encode_file(path, tokenizer, settings, fp)
+        store, _ = encode_file(path, tokenizer, settings, fp, limit=read_limit(cfg, src))
         lines.append(f"  {path}: {file_kind(path)}, {detected_format(path, settings.data_format)}; "
                      f"samples {len(store)}, bad lines {len(store.bad)}")
         bad += store.bad

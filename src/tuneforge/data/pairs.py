@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tuneforge.data.formats import (
     _ROLES,
     _SHAREGPT_ROLES,
     Message,
+    Source,
     _answer,
     _from_list,
     _one_message,
@@ -36,6 +36,7 @@ from tuneforge.data.formats import (
     _text,
     _type_name,
     iter_records,
+    no_records,
 )
 from tuneforge.errors import UserError
 
@@ -201,7 +202,7 @@ def to_pair(record: Any, where: str, fmt: str = "auto") -> Pair:
     return Pair(tuple(chosen), tuple(rejected), where)
 
 
-def iter_pairs(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> Iterator[Pair]:
+def iter_pairs(path: Source, fmt: str = "auto", bad: list[str] | None = None) -> Iterator[Pair]:
     """Every pair of PATH, streamed; with BAD given, malformed records go there and are skipped."""
     empty = True
     for where, rec in iter_records(path, bad):
@@ -213,4 +214,4 @@ def iter_pairs(path: Path, fmt: str = "auto", bad: list[str] | None = None) -> I
                 raise
             bad.append(str(err))
     if empty and not bad:
-        raise UserError(f"{path}: no records; the file is empty")
+        raise no_records(path)

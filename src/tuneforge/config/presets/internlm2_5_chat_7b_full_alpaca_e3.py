@@ -39,7 +39,7 @@ method = 'full'
 use_varlen_attn = False  # XTuner's value; tuneforge keeps packed samples apart either way
 
 # Data
-alpaca_en_path = 'tatsu-lab/alpaca'  # XTuner downloads it; tuneforge reads a local .json/.jsonl
+alpaca_en_path = 'tatsu-lab/alpaca'  # a Hub dataset (the HF cache offline: docs/data.md), or a local file
 data_format = 'auto'
 prompt_template = 'internlm2_chat'
 max_length = 2048

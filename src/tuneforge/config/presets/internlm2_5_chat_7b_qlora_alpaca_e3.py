@@ -52,7 +52,7 @@ lora_target_modules = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_
                        'lm_head']
 
 # Data
-alpaca_en_path = 'tatsu-lab/alpaca'  # XTuner downloads it; tuneforge reads a local .json/.jsonl
+alpaca_en_path = 'tatsu-lab/alpaca'  # a Hub dataset (the HF cache offline: docs/data.md), or a local file
 data_format = 'auto'
 prompt_template = 'internlm2_chat'
 max_length = 2048

@@ -51,7 +51,7 @@ lora_dropout = 0.1
 lora_target_modules = 'all-linear'
 
 # Data
-alpaca_en_path = 'tatsu-lab/alpaca'  # XTuner downloads it; tuneforge reads a local .json/.jsonl
+alpaca_en_path = 'tatsu-lab/alpaca'  # a Hub dataset (the HF cache offline: docs/data.md), or a local file
 data_format = 'auto'
 prompt_template = 'llama3_chat'
 max_length = 2048
