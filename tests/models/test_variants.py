@@ -34,6 +34,11 @@ def _losses(work):
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def _speeds(work):
+    rows = map(json.loads, (work / "train_log.jsonl").read_text().splitlines())
+    return [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+
+
 def _peft(base_dir, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -226,7 +231,7 @@ def test_the_bundled_model_trains_and_merges_with_a_variant(variant, bundled_pat
         print(f"\nbundled {variant}: merged vs base+adapter {(plain - with_adapter).abs().max().item():.2e}, "
               f"vs the trained model {(plain - trained).abs().max().item():.2e} (logits up to "
               f"{with_adapter.abs().max().item():.1f}; training moved them by {moved.abs().max().item():.2f}); "
-              f"losses {losses}")
+              f"losses {losses}; tokens/s {_speeds(tmp_path / 'work')}")
     assert moved.abs().max().item() > 0.01
     torch.testing.assert_close(plain, with_adapter, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(plain, trained, rtol=1e-4, atol=1e-4)
