@@ -235,3 +235,15 @@ def test_the_bundled_model_trains_and_merges_with_a_variant(variant, bundled_pat
     assert moved.abs().max().item() > 0.01
     torch.testing.assert_close(plain, with_adapter, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(plain, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_on_4_bit_weights_starts_as_the_base_after_an_evaluation(tiny_model_dir, data):
+    """DoRA's weight norm reads the dequantized 4-bit weight; an evaluation forward (eval mode,
+    no grad) must not leave it in a layout that reads wrong (bitsandbytes' AVX512-BF16 repacking,
+    on CPUs that have it)."""
+    cfg = tiny_config(tiny_model_dir, data, method="qlora", lora_variant="dora")
+    model = apply_lora(load_model(tiny_model_dir, CPU, torch.float32, load_in_4bit=True), cfg).eval()
+    _logits(model)  # what the evaluation hook does first
+    with model.disable_adapter():
+        base = _logits(model)
+    torch.testing.assert_close(_logits(model), base, rtol=1e-4, atol=1e-4)  # B = 0: DoRA is the identity

@@ -122,6 +122,7 @@ def full_state(engine: Any, params: dict[str, torch.nn.Parameter], keep: bool,
 
     weights, state = {}, {}
     step = _step(engine)
+    _relink_groups(engine)
     for i, (name, p) in enumerate(params.items()):
         weight = safe_get_full_fp32_param(p)
         moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
@@ -165,6 +166,19 @@ def load_full_state(engine: Any, params: dict[str, torch.nn.Parameter], weights:
         group["lr"] = saved[min(i, len(saved) - 1)]["lr"]
     # The 16-bit weights forward uses were loaded into the model before wrapping: they are these
     # fp32 values rounded, as a step would have left them.
+
+
+def _relink_groups(engine: Any) -> None:
+    """ZeRO-1/2 links each weight to its optimizer state once, right after the first group's
+    first step, when a second group (LoRA+'s) has no state yet: its weights' moments then read as
+    missing ('exp_avg not found in optimizer state fragment'). Linking again now finds them."""
+    zero = engine.optimizer
+    if len(_client(engine).param_groups) < 2 or not hasattr(zero, "_hp_optimizer_states_linked"):
+        return
+    if _step(engine) is not None:
+        zero._hp_optimizer_states_linked = False
+        compat.attr(zero, "_lazy_init_hp_params_optimizer_state", "deepspeed",
+                    "saving a ZeRO-1/2 run with two parameter groups (train/zero.py)")()
 
 
 def _client(engine: Any) -> torch.optim.Optimizer:
