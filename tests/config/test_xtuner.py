@@ -237,7 +237,17 @@ def test_without_target_modules_other_models_keep_all_linear(tmp_path, identity_
     assert "lora_target_modules" not in settings
 
 
+@pytest.mark.parametrize(("switch", "variant"), [("use_dora=True", "dora"), ("use_rslora=True", "rslora"),
+                                               ("init_lora_weights='olora'", "olora")])
+def test_peft_lora_switches_become_the_lora_variant(tmp_path, identity_data, switch, variant):
+    text = XTUNER_CONFIG.replace("task_type='CAUSAL_LM'))", f"task_type='CAUSAL_LM', {switch}))")
+    settings, _ = read_xtuner_config(_write(tmp_path, "/models/Meta-Llama-3-8B-Instruct", identity_data, text))
+    assert settings["lora_variant"] == variant
+
+
 @pytest.mark.parametrize(("edit", "needle"), [
+    (("task_type='CAUSAL_LM'))", "task_type='CAUSAL_LM', use_dora=True, use_rslora=True))"),
+     "lora sets dora and rslora; tuneforge trains one lora_variant at a time"),
     (("dataset_map_fn=None", "dataset_map_fn=lambda example: example"), "only XTuner's own map functions"),
     (("sequence_parallel_size = 1", "sequence_parallel_size = 2"), "sequence parallelism is not supported"),
     (("optim_type = AdamW", "optim_type = SGD"), "AdamW or AdamW8bit"),

@@ -218,6 +218,33 @@ def test_qlora_and_full_on_two_ranks_match_one_process(tiny_model_dir, reference
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_lora_plus_groups_on_two_ranks_match_one_process_and_resume_either_way(tiny_model_dir, reference,
+                                                                               tmp_path, engine):
+    """LoRA+'s two parameter groups (B at 16x lr): the engines keep them apart, and their
+    checkpoints (each group's lr and the state of its parameters) resume across engines."""
+    _, data, _ = reference
+    runs = {}
+    for name, nproc, accumulation, flags in (("one", 1, 2, []), ("two", 2, 1, engine)):
+        cfg = _config(tmp_path, tiny_model_dir, data, accumulation, name, lora_plus_ratio=16.0, max_steps=4,
+                      save_steps=2)
+        runs[name] = _train(cfg, tmp_path / name, nproc, *flags)
+    assert loss_excess(runs["two"], runs["one"]) <= 1
+    assert weight_excess(tmp_path / "two" / "iter_4.pth", tmp_path / "one" / "iter_4.pth", 4, 16e-3) <= 1
+    lrs = [g["lr"] for g in load_checkpoint(tmp_path / "two" / "iter_2.pth").optimizer["param_groups"]]
+    assert lrs[1] == pytest.approx(16 * lrs[0])
+    for src, nproc, accumulation, flags in (("two", 1, 2, []), ("one", 2, 1, engine)):
+        work = tmp_path / f"from-{src}"
+        work.mkdir()
+        (work / "iter_2.pth").write_bytes((tmp_path / src / "iter_2.pth").read_bytes())
+        cfg = _config(tmp_path, tiny_model_dir, data, accumulation, f"r{src}", lora_plus_ratio=16.0, max_steps=4,
+                      save_steps=2)
+        after = _train(cfg, work, nproc, *flags, "--resume", str(work / "iter_2.pth"))
+        assert loss_excess(after, runs[src][2:]) <= 1, src
+        assert weight_excess(work / "iter_4.pth", tmp_path / src / "iter_4.pth", 4, 16e-3) <= 1, src
+
+
+@pytest.mark.slow
 def test_full_fsdp2_with_bf16_compute_keeps_fp32_master_weights(tiny_model_dir, reference, tmp_path):
     """dtype='auto' with bf16 compute: the sharded weights stay fp32 and are gathered in bf16
     (FSDP2's mixed precision), against one process computing in bf16 under autocast."""

@@ -6,6 +6,7 @@ Field names follow XTuner's PART 1 / PART 2 variables so that a tutorial's edits
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,6 +23,8 @@ DATA_FORMATS = ("auto", "alpaca", "conversation", "messages", "sharegpt", "swift
 # The experiment trackers report_to may name (train/trackers/ has one module for each).
 TRACKERS = ("tensorboard", "wandb", "swanlab", "mlflow")
 TrackerName = Literal["tensorboard", "wandb", "swanlab", "mlflow"]
+# peft's LoRA family (docs/training.md#lora-variants says what each does and costs).
+LoraVariant = Literal["lora", "dora", "rslora", "pissa", "olora", "loftq"]
 
 
 def _check_format(v: str | None) -> str | None:
@@ -76,7 +79,11 @@ class Config(BaseModel):
     lora_r: int = Field(64, gt=0)
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # A list names modules (a module is adapted when its name ends with one of them); a string is
+    # 'all-linear' or, as in peft, a regex that must match a module's whole dotted name.
     lora_target_modules: str | list[str] = "all-linear"
+    lora_variant: LoraVariant = "lora"
+    lora_plus_ratio: float | None = Field(None, gt=0)  # LoRA+: the B matrices learn at ratio x lr
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -186,6 +193,35 @@ class Config(BaseModel):
     def _lora_targets(self) -> Config:
         if self.method != "full" and not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty; use 'all-linear' or a list of module names")
+        if isinstance(self.lora_target_modules, str):
+            try:
+                re.compile(self.lora_target_modules)
+            except re.error as err:
+                raise ValueError(f"lora_target_modules {self.lora_target_modules!r} is not a valid regex ({err}); "
+                                 "a string is a regex over whole module names, a list names modules") from None
+        return self
+
+    @model_validator(mode="after")
+    def _lora_family(self) -> Config:
+        """Variants and LoRA+ apply to adapters, and some need the base weights a certain way."""
+        variant = self.lora_variant
+        if self.method == "full" and (variant != "lora" or self.lora_plus_ratio is not None):
+            key = "lora_plus_ratio" if variant == "lora" else f"lora_variant={variant!r}"
+            raise ValueError(f"{key} applies to method='lora' or 'qlora', and method is 'full'; "
+                             f"remove {key.split('=')[0]} or change method")
+        if variant == "pissa" and self.method == "qlora":
+            # peft computes PiSSA from the full-precision weights and refuses 4-bit ones
+            raise ValueError("lora_variant='pissa' needs the base weights unquantized (peft takes the SVD of "
+                             "the full-precision weights and cannot start from 4-bit ones); use method='lora', "
+                             "or lora_variant='loftq' (or 'olora') with qlora")
+        if variant == "loftq" and self.method != "qlora":
+            raise ValueError("lora_variant='loftq' starts the adapters so that they make up for the 4-bit "
+                             "quantization error: it needs method='qlora'")
+        if self.objective == "dpo" and variant in ("pissa", "olora", "loftq"):
+            # the reference is the model with its adapters off, which these variants have changed
+            raise ValueError(f"objective='dpo' compares with the model with its adapters off, and under "
+                             f"lora_variant={variant!r} that is not the base model (the variant moved part of "
+                             "each weight into the adapter); use lora_variant='lora', 'dora' or 'rslora'")
         return self
 
     @model_validator(mode="after")

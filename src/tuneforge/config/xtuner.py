@@ -305,6 +305,7 @@ def _map_model(m: _Mapping, env: dict[str, Any]) -> None:
         m.take("method", "qlora" if four_bit else "lora")
         m.take_from(lora, {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
                            "target_modules": "lora_target_modules"})
+        _map_lora_variant(m, lora)
         if "target_modules" not in lora and _is_internlm2(m.out.get("pretrained_model_name_or_path"), m.path):
             m.take("lora_target_modules", INTERNLM2_ALL_LINEAR)
     elif model:
@@ -314,6 +315,21 @@ def _map_model(m: _Mapping, env: dict[str, Any]) -> None:
                             "bnb_4bit_use_double_quant": "bnb_4bit_use_double_quant"})
     if "torch_dtype" in llm:
         m.report.ignored["torch_dtype"] = "tuneforge picks bf16 where the GPU has it (fp32 master weights on CPU)"
+
+
+def _map_lora_variant(m: _Mapping, lora: dict) -> None:
+    """peft's LoraConfig switches an XTuner config may pass on: use_dora, use_rslora and the
+    initialisations tuneforge runs (init_lora_weights='pissa', 'olora', 'loftq')."""
+    init = lora.get("init_lora_weights")
+    chosen = [v for v, on in (("dora", lora.get("use_dora")), ("rslora", lora.get("use_rslora")),
+                              (init, init in ("pissa", "olora", "loftq"))) if on is True]
+    if len(chosen) > 1:
+        raise UserError(f"{m.path}: lora sets {' and '.join(chosen)}; tuneforge trains one lora_variant at a "
+                        "time: keep one")
+    if chosen:
+        m.take("lora_variant", chosen[0])
+    elif isinstance(init, str):
+        m.report.ignored["lora.init_lora_weights"] = f"{init!r}: tuneforge starts LoRA as peft's default does"
 
 
 def _find_datasets(env: dict[str, Any]) -> list[dict]:

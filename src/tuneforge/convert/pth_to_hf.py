@@ -12,11 +12,14 @@ from tuneforge.errors import UserError
 from tuneforge.models import internlm2
 from tuneforge.models.adapters import to_original_layout, write_adapter
 from tuneforge.models.load import load_model, save_tokenizer, write_meta
+from tuneforge.models.lora import as_plain_lora
 from tuneforge.train.checkpoint import Checkpoint, load_checkpoint
 
 
 def peft_key(name: str) -> str:
-    """Trained-model parameter name -> the key PEFT stores in adapter_model.safetensors."""
+    """Trained-model parameter name -> the key PEFT stores in adapter_model.safetensors (DoRA's
+    magnitude vector without its module's '.weight', as peft writes it)."""
+    name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
     return name.replace(".default.", ".").replace(".default", "")
 
 
@@ -75,9 +78,15 @@ def convert_checkpoint(ckpt_path: str | Path, out: str | Path, base_model: str |
     if ckpt.method == "full":
         _write_full(ckpt, base, out, dtype, max_shard_size, template, trust, layout)
     else:
-        tensors = {peft_key(k): v.to(dtype).contiguous() for k, v in ckpt.state_dict.items()}
+        tensors = {peft_key(k): v for k, v in ckpt.state_dict.items()}
         peft_config = {**ckpt.peft_config, "base_model_name_or_path": base,
                        "inference_mode": True}
+        if ckpt.initial_adapter is not None:  # PiSSA, OLoRA, LoftQ: the change from their start
+            start = {peft_key(k): v for k, v in ckpt.initial_adapter.items()}
+            tensors, peft_config = as_plain_lora({k: v.float() for k, v in tensors.items()}, start, peft_config)
+            print(f"[tuneforge] {ckpt.config.get('lora_variant')}: the adapter is written as its change from "
+                  f"where it started (a plain LoRA of rank {peft_config['r']}), for the original base")
+        tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
         if layout == "original":
             tensors, peft_config = to_original_layout(tensors, peft_config, original)
         write_adapter(out, tensors, peft_config)

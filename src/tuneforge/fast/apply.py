@@ -45,6 +45,8 @@ def apply(model: Any, cfg: Config, target: Target, say: Callable[[str], None]) -
         if varlen:
             causal_lm(model).set_attn_implementation(attention.register())
         fast = enable(model, varlen=varlen, partitioned=target.partitioned)
+        for name, n in (fast.peft_layers or {}).items():
+            say(f"{name}: {n} LoRA layers run peft's own forward (the fused LoRA computes plain LoRA only)")
     fast.memory = plan_memory(model, cfg, target)
     # Not ZeRO-3 (its hooks gather weights inside the layer) nor 4-bit weights (bitsandbytes
     # calls are opaque to the compiler) yet.

@@ -139,12 +139,14 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 
 def fuse_lora(model: torch.nn.Module) -> int:
     """Route every plain peft LoRA linear layer of MODEL through the fused function; returns how
-    many. Other layer kinds (DoRA, conv, embeddings) keep peft's own forward."""
+    many. Plain covers rsLoRA (only its scaling differs, and peft's module.scaling holds it) and
+    PiSSA, OLoRA and LoftQ (they only start A, B and W elsewhere). Other layer kinds keep peft's
+    own forward: DoRA and peft's other variants (``variant_layers``), conv, embeddings."""
     from peft.tuners.lora import LoraLayer
 
     n = 0
     for module in model.modules():
-        if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+        if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A") or getattr(module, "lora_variant", None):
             continue
         base = module.get_base_layer()
         dense = type(base) is torch.nn.Linear
@@ -153,3 +155,18 @@ def fuse_lora(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             n += 1
     return n
+
+
+def variant_layers(model: torch.nn.Module) -> dict[str, int]:
+    """peft LoRA layers that compute something other than plain LoRA (DoRA's magnitude and
+    direction), by variant: their forward stays peft's."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for variant in getattr(module, "lora_variant", {}).values():
+                name = type(variant).__name__.removesuffix("Variant").removesuffix("Linear")  # DoraLinearVariant
+                name = {"Dora": "DoRA"}.get(name, name)
+                out[name] = out.get(name, 0) + 1
+    return out

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from tuneforge.fast import recompute
-from tuneforge.fast.lora import fuse_lora
+from tuneforge.fast.lora import fuse_lora, variant_layers
 from tuneforge.fast.mlp import fuse_swiglu
 from tuneforge.fast.norm import fuse_rmsnorm
 
@@ -18,6 +18,7 @@ class FastPath:
     """What fast.apply changed. Not FUSED: the model trains through its plain forward."""
     fused: bool = False
     lora_layers: int = 0
+    peft_layers: dict[str, int] | None = None  # LoRA variants left on peft's forward (DoRA: x30)
     norms: int = 0
     mlps: int = 0
     varlen: bool = False
@@ -28,9 +29,11 @@ class FastPath:
     def describe(self) -> str:
         if not self.fused:
             return "plain path (fast_path off or the model's own code)"
-        parts = [f"fused LoRA x{self.lora_layers}", f"RMSNorm x{self.norms}", f"SwiGLU x{self.mlps}",
-                 "chunked linear cross-entropy" if self.linear_ce else "plain cross-entropy",
-                 "varlen attention" if self.varlen else "SDPA attention"]
+        parts = [f"fused LoRA x{self.lora_layers}"]
+        parts += [f"peft's own {name} x{n}" for name, n in (self.peft_layers or {}).items()]
+        parts += [f"RMSNorm x{self.norms}", f"SwiGLU x{self.mlps}",
+                  "chunked linear cross-entropy" if self.linear_ce else "plain cross-entropy",
+                  "varlen attention" if self.varlen else "SDPA attention"]
         if self.compiled_layers:
             parts.append(f"compiled layers x{self.compiled_layers}")
         return "fast path: " + ", ".join(parts)
@@ -91,6 +94,7 @@ def enable(model: Any, varlen: bool, partitioned: bool = False) -> FastPath:
     if partitioned:
         return fast
     fast.lora_layers = fuse_lora(model) if hasattr(model, "peft_config") else 0
+    fast.peft_layers = variant_layers(model) if hasattr(model, "peft_config") else None
     fast.mlps = fuse_swiglu(model)
     fast.linear_ce = head_for_linear_ce(model) is not None
     return fast

@@ -43,6 +43,9 @@ class Checkpoint:
     template: Template
     peft_config: dict[str, Any] | None = None  # the LoRA settings (None for a full fine-tune)
     world_size: int = 1  # ranks that trained it
+    # PiSSA, OLoRA, LoftQ: the LoRA weights as the variant started them (models/lora.py), which
+    # converting subtracts so that the adapter applies to the original base
+    initial_adapter: dict[str, torch.Tensor] | None = None
     tuneforge_version: str = __version__
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer tuneforge wrote
@@ -52,7 +55,8 @@ class Checkpoint:
                 "optimizer": self.optimizer, "scheduler": self.scheduler, "rng": self.rng,
                 "config": self.config, "method": self.method, "peft_config": self.peft_config,
                 "template": self.template.to_dict(), "tuneforge_version": self.tuneforge_version,
-                "world_size": self.world_size, **self.extra}
+                "world_size": self.world_size, **self.extra,
+                **({"initial_adapter": self.initial_adapter} if self.initial_adapter is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Checkpoint:
@@ -65,11 +69,13 @@ class Checkpoint:
         if version > FORMAT_VERSION:
             raise UserError(f"checkpoint '{where}' has format {version}, newer than this tuneforge "
                             f"({__version__}, format {FORMAT_VERSION}) reads; upgrade tuneforge")
-        known = {*_REQUIRED, "peft_config", "world_size", "tuneforge_version", "format_version"}
+        known = {*_REQUIRED, "peft_config", "world_size", "tuneforge_version", "format_version",
+                 "initial_adapter"}
         return cls(step=int(data["step"]), state_dict=data["state_dict"], optimizer=data["optimizer"],
                    scheduler=data["scheduler"], rng=data["rng"], config=data["config"],
                    method=data["method"], template=Template.from_dict(data["template"]),
                    peft_config=data.get("peft_config"), world_size=int(data.get("world_size", 1)),
+                   initial_adapter=data.get("initial_adapter"),
                    tuneforge_version=data.get("tuneforge_version", "?"), format_version=version,
                    extra={k: v for k, v in data.items() if k not in known})
 

@@ -46,7 +46,7 @@ from tuneforge.fast.path import FastPath
 from tuneforge.models import probe
 from tuneforge.models.generate import unquantized_on_cpu
 from tuneforge.models.load import load_model, load_tokenizer, pick_device, training_dtypes
-from tuneforge.models.lora import apply_lora, trainable_parameters
+from tuneforge.models.lora import apply_lora, initial_adapter, trainable_parameters
 from tuneforge.models.resolve import resolve_model
 from tuneforge.train import checks, parallel, trackers, zero
 from tuneforge.train.checkpoint import (
@@ -64,7 +64,7 @@ from tuneforge.train.engines.deepspeed import DeepSpeedEngine
 from tuneforge.train.engines.fsdp import FSDPEngine
 from tuneforge.train.hooks import Evaluation, NoLog, plot_loss
 from tuneforge.train.objective import ReferenceRun, objective_for, reference_key
-from tuneforge.train.optim import build_optimizer, build_scheduler, first_step_bytes
+from tuneforge.train.optim import build_optimizer, build_scheduler, first_step_bytes, in_group_order
 from tuneforge.train.options import RunOptions
 from tuneforge.train.profile import StepProfiler, phase
 from tuneforge.train.stop import StopRequest, TrainingStopped
@@ -123,11 +123,12 @@ class Recipe:
         self.model, self.fast = self._model(given_rows=rows is not None)  # loaded, adapted, patched
         # the engine wraps the patched model: FSDP shards its layers, DeepSpeed takes it whole
         self.engine.wrap(self.model, self._loss)
-        self.named = trainable_parameters(self.model)  # after wrapping: shards, where sharded
+        # after wrapping: shards, where sharded; LoRA+'s two groups one after the other
+        self.named = in_group_order(trainable_parameters(self.model), cfg)
         self._describe_model()
         self.steps = checks.total_steps(len(self.rows), cfg, ranks.world)
         checks.check_room(self.work_dir, list(self.named.values()), cfg, self.steps, ranks)
-        self.optimizer = build_optimizer(list(self.named.values()), cfg)
+        self.optimizer = build_optimizer(self.named, cfg)
         self.scheduler = build_scheduler(self.optimizer, self.steps, cfg.warmup_ratio)
         self.engine.prepare(self.optimizer, list(self.named.values()))
         self.start = self.resume(self.ckpt) if self.ckpt is not None else 0
@@ -220,8 +221,12 @@ class Recipe:
         checks.warn_few_steps(len(self.rows), cfg, self.ranks.world, self.say)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.initial_adapter = None
         if cfg.method != "full":
-            model = apply_lora(model, cfg)
+            model = apply_lora(model, cfg, self.model_path)
+            # PiSSA, OLoRA and LoftQ start away from zero: converting subtracts the start
+            self.initial_adapter = initial_adapter(model, cfg) if self.ckpt is None or \
+                self.ckpt.initial_adapter is None else self.ckpt.initial_adapter
         if self.ckpt is not None:
             self.ckpt.check_fits(set(trainable_parameters(model)), cfg.method)
             model.load_state_dict(self.ckpt.state_dict, strict=False)
@@ -464,7 +469,8 @@ class Recipe:
             peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
         ckpt = Checkpoint(step=step, state_dict=state[0], optimizer=state[1], scheduler=self.scheduler.state_dict(),
                           rng=rng_state(), config=cfg.model_dump(mode="json"), method=cfg.method,
-                          template=self.template, peft_config=peft_config, world_size=self.ranks.world)
+                          template=self.template, peft_config=peft_config, world_size=self.ranks.world,
+                          initial_adapter=self.initial_adapter)
         path = write_checkpoint(self.work_dir, ckpt, cfg.save_total_limit)
         self.say(f"saved {path}")
         return path

@@ -112,14 +112,17 @@ def wrap(model: torch.nn.Module, loss_fn: Callable[[Any, dict], torch.Tensor],
     return engine
 
 
-def full_state(engine: Any, params: dict[str, torch.nn.Parameter], keep: bool) -> tuple[dict, dict] | None:
+def full_state(engine: Any, params: dict[str, torch.nn.Parameter], keep: bool,
+               group_sizes: list[int] | None = None) -> tuple[dict, dict] | None:
     """The trainable weights (fp32 master copies) and AdamW's state, gathered whole, in the shapes
     a one-process run writes; None where not KEEP. A collective: every rank calls it, in the same
-    order, and only the one that keeps the result copies it to CPU memory."""
+    order, and only the one that keeps the result copies it to CPU memory. GROUP_SIZES: the
+    parameters in each optimizer group, which hold PARAMS one group after the other (None: one)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     weights, state = {}, {}
     step = _step(engine)
+    _relink_groups(engine)
     for i, (name, p) in enumerate(params.items()):
         weight = safe_get_full_fp32_param(p)
         moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
@@ -131,8 +134,12 @@ def full_state(engine: Any, params: dict[str, torch.nn.Parameter], keep: bool) -
                         **{k: m.detach().cpu().clone() for k, m in moments.items()}}
     if not keep:
         return None
-    group = {k: v for k, v in _client(engine).param_groups[0].items() if k != "params"}
-    return weights, {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
+    groups, start = [], 0
+    for group, size in zip(_client(engine).param_groups, group_sizes or [len(params)], strict=True):
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + size))})
+        start += size
+    return weights, {"state": state, "param_groups": groups}
 
 
 def load_full_state(engine: Any, params: dict[str, torch.nn.Parameter], weights: dict, optim: dict) -> None:
@@ -154,10 +161,24 @@ def load_full_state(engine: Any, params: dict[str, torch.nn.Parameter], weights:
         if i in state:
             for k in MOMENTS:
                 safe_set_full_optimizer_state(p, state[i][k].to(p.device), k)
-    for group in client.param_groups:  # as optimizer.load_state_dict would: the lr of the next step
-        group["lr"] = optim["param_groups"][0]["lr"]
+    saved = optim["param_groups"]
+    for i, group in enumerate(client.param_groups):  # as optimizer.load_state_dict would: the next step's lr
+        group["lr"] = saved[min(i, len(saved) - 1)]["lr"]
     # The 16-bit weights forward uses were loaded into the model before wrapping: they are these
     # fp32 values rounded, as a step would have left them.
+
+
+def _relink_groups(engine: Any) -> None:
+    """ZeRO-1/2 links each weight to its optimizer state once, right after the first group's
+    first step, when a second group (LoRA+'s) has no state yet: its weights' moments then read as
+    missing ('exp_avg not found in optimizer state fragment'). Linking again now finds them."""
+    zero = engine.optimizer
+    if len(_client(engine).param_groups) < 2 or not hasattr(zero, "_hp_optimizer_states_linked"):
+        return
+    if _step(engine) is not None:
+        zero._hp_optimizer_states_linked = False
+        compat.attr(zero, "_lazy_init_hp_params_optimizer_state", "deepspeed",
+                    "saving a ZeRO-1/2 run with two parameter groups (train/zero.py)")()
 
 
 def _client(engine: Any) -> torch.optim.Optimizer:

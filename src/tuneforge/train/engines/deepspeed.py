@@ -35,6 +35,8 @@ class DeepSpeedEngine(LocalEngine):
 
     def prepare(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
         super().prepare(optimizer, params)
+        # how many parameters each group holds (LoRA+ has two), before DeepSpeed flattens them
+        self.group_sizes = [len(g["params"]) for g in optimizer.param_groups]
         # DeepSpeed broadcasts rank 0's weights itself
         self.engine = zero.wrap(self.model, self.loss_fn, optimizer, self.ds)
 
@@ -59,7 +61,7 @@ class DeepSpeedEngine(LocalEngine):
         pass  # DeepSpeed's own step zeroes its gradient partitions
 
     def full_state(self, named: dict[str, torch.nn.Parameter], keep: bool) -> tuple[dict, dict] | None:
-        return zero.full_state(self.engine, named, keep)
+        return zero.full_state(self.engine, named, keep, self.group_sizes)
 
     def load_state(self, named: dict[str, torch.nn.Parameter], weights: dict, optimizer: dict) -> None:
         zero.load_full_state(self.engine, named, weights, optimizer)
