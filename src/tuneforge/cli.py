@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--author-en")
     s.add_argument("--prompt-template")
     s.add_argument("--max-new-tokens", type=int, default=48)
-    s.add_argument("--no-compare", action="store_true", help="skip the base-vs-tuned answers")
+    s.add_argument("--no-compare", action="store_true",
+                   help="skip the base model: no forgetting figures (KL, top-1 agreement), no base-vs-tuned answers")
     s.add_argument("--json", help="also write the full result (every answer) here")
     _remote_code_option(s)
     s.set_defaults(func=cmd_eval_identity)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from tuneforge.data.general_prompts import GENERAL_EN, GENERAL_ZH
 from tuneforge.data.selfcog import QUESTIONS_EN, QUESTIONS_ZH
 from tuneforge.evaluate import questions as Q
+from tuneforge.evaluate.forgetting import Forgetting
 from tuneforge.evaluate.guard import leaks, overlap
 from tuneforge.evaluate.identity import evaluate_identity, is_hijack, names_identity
 
@@ -57,11 +58,21 @@ def test_rates_count_the_answers_that_name_the_identity(monkeypatch):
         # general answers that mention the name without presenting the identity are no hijack
         return "西湖龙井是著名的茶。" if zh else "Long ago, people planted tomatoes in full sun."
 
-    def fake_batch(model, tokenizer, template, chats, sampling):
+    def fake_batch(model, tokenizer, template, chats, sampling, with_finished=False):
         assert (model is tuned or model is base) and sampling.max_new_tokens == 7
-        return [("base: " if model is base else "") + answer(c[-1]["content"]) for c in chats]
+        replies = [("base: " if model is base else "") + answer(c[-1]["content"]) for c in chats]
+        return (replies, [i % 2 == 0 for i in range(len(chats))]) if with_finished else replies
+
+    scored = {}
+
+    def fake_forgetting(model, base_, tokenizer, template, answered):
+        assert model is tuned and base_ is base
+        lang = "zh" if answered[0].question in Q.GENERAL_ZH else "en"
+        scored[lang] = answered
+        return Forgetting(0.25, 0.75, 40)
 
     monkeypatch.setattr(identity, "generate_batch", fake_batch)
+    monkeypatch.setattr(identity, "measure_forgetting", fake_forgetting)
     result = evaluate_identity(tuned, None, None, "龙", "Long", max_new_tokens=7, base=base)
     for lang, ident, gen in (("zh", Q.IDENTITY_ZH, Q.GENERAL_ZH), ("en", Q.IDENTITY_EN, Q.GENERAL_EN)):
         r = result[lang]
@@ -73,8 +84,14 @@ def test_rates_count_the_answers_that_name_the_identity(monkeypatch):
         assert all(m["answer"] == answer(m["question"]) for m in r["identity_misses"] + r["hijacked"])
     assert result["compare"] == [{"question": q, "base": "base: " + answer(q), "tuned": answer(q)}
                                  for q in identity.COMPARE]
+    # forgetting is scored per language on the base model's answers to that language's general questions
+    for lang, gen in (("zh", Q.GENERAL_ZH), ("en", Q.GENERAL_EN)):
+        assert [a.question for a in scored[lang]] == gen
+        assert all(a.answer == "base: " + answer(a.question) for a in scored[lang])
+        assert result[lang]["forgetting"] == {"kl": 0.25, "top1_agreement": 0.75, "tokens": 40}
     report = identity.format_report(result, "龙", "Long")
-    assert f"| zh | 90% ({len(Q.IDENTITY_ZH)}) | 5% ({len(Q.GENERAL_ZH)}) |" in report, report
+    assert f"| zh | 90% ({len(Q.IDENTITY_ZH)}) | 5% ({len(Q.GENERAL_ZH)}) | 0.250 nats/token | 75.0% (40 tokens) |" \
+        in report, report
 
 
 def test_an_untrained_model_names_no_identity(tiny_model_dir, tokenizer):
@@ -94,3 +111,6 @@ def test_an_untrained_model_names_no_identity(tiny_model_dir, tokenizer):
         assert [m["question"] for m in r["identity_misses"]] == ident
         assert any(m["answer"] for m in r["identity_misses"])  # it answered something
     assert [c["question"] for c in result["compare"]] == COMPARE
+    for lang in ("zh", "en"):  # the model against itself: nothing moved
+        f = result[lang]["forgetting"]
+        assert f["kl"] == 0 and f["top1_agreement"] == 1 and f["tokens"] > 40, f

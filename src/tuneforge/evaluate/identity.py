@@ -4,7 +4,9 @@
 - hijack rate: held-out general questions whose answer presents the identity (the name together
   with the word assistant/助手) instead of answering.
 Both per language, greedy decoding. The questions (evaluate/questions.py) are disjoint from the
-self-cognition generator's and from the replay prompts.
+self-cognition generator's and from the replay prompts. Given the base model too, also how far the
+tuned model moved from it on the general questions (evaluate/forgetting.py: KL and top-1 agreement
+on the base model's own answers), and a few base and tuned answers side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from tuneforge.data.templates import Template
 from tuneforge.evaluate import questions as Q
+from tuneforge.evaluate.forgetting import Answered, measure_forgetting
 from tuneforge.models.generate import Sampling, generate_batch
 
 COMPARE = [Q.GENERAL_ZH[0], Q.GENERAL_EN[0], Q.GENERAL_EN[2]]
@@ -44,15 +47,33 @@ class LanguageResult:
     hijacked: list[dict[str, str]] = field(default_factory=list)
 
 
-def _ask(model: Any, tokenizer: Any, template: Template, questions: list[str], max_new_tokens: int) -> list[str]:
+def _ask(model: Any, tokenizer: Any, template: Template, questions: list[str], max_new_tokens: int,
+         with_finished: bool = False) -> Any:
     chats = [[{"role": "user", "content": q}] for q in questions]
-    return generate_batch(model, tokenizer, template, chats, Sampling(max_new_tokens=max_new_tokens))
+    return generate_batch(model, tokenizer, template, chats, Sampling(max_new_tokens=max_new_tokens),
+                          with_finished=with_finished)
+
+
+def _against_base(model: Any, tokenizer: Any, template: Template, base: Any, sets: dict, answers: dict,
+                  max_new_tokens: int, result: dict[str, Any]) -> None:
+    """The base model answers the general questions; the tuned model is scored on those answers
+    (forgetting, per language) and a few are shown next to the tuned model's."""
+    is_model = hasattr(base, "generate")  # else: a factory of "adapter off" contexts
+    general = [q for _, gen, _ in sets.values() for q in gen]
+    with nullcontext() if is_model else base():
+        before, finished = _ask(base if is_model else model, tokenizer, template, general, max_new_tokens,
+                                with_finished=True)
+    by_question = {q: Answered(q, b, f) for q, b, f in zip(general, before, finished, strict=True)}
+    for lang, (_, gen, _) in sets.items():
+        result[lang]["forgetting"] = asdict(measure_forgetting(model, base, tokenizer, template,
+                                                               [by_question[q] for q in gen]))
+    result["compare"] = [{"question": q, "base": by_question[q].answer, "tuned": answers[q]} for q in COMPARE]
 
 
 def evaluate_identity(model: Any, tokenizer: Any, template: Template, name: str, name_en: str | None = None,
                       max_new_tokens: int = 48, base: Any = None) -> dict[str, Any]:
-    """Rates per language, plus base-vs-tuned answers when BASE (a model or a context manager
-    factory that switches the adapter off) is given."""
+    """Rates per language, plus forgetting and base-vs-tuned answers when BASE (a model or a
+    context manager factory that switches the adapter off) is given."""
     name_en = name_en or name
     sets = {"zh": (Q.IDENTITY_ZH, Q.GENERAL_ZH, name), "en": (Q.IDENTITY_EN, Q.GENERAL_EN, name_en)}
     all_q = [q for ident, gen, _ in sets.values() for q in ident + gen]
@@ -64,23 +85,26 @@ def evaluate_identity(model: Any, tokenizer: Any, template: Template, name: str,
         result[lang] = asdict(LanguageResult(1 - len(misses) / len(ident), len(hijacked) / len(gen),
                                              len(ident), len(gen), misses, hijacked))
     if base is not None:
-        is_model = hasattr(base, "generate")  # else: a factory of "adapter off" contexts
-        ctx = nullcontext() if is_model else base()
-        base_model = base if is_model else model
-        with ctx:
-            before = _ask(base_model, tokenizer, template, COMPARE, max_new_tokens)
-        result["compare"] = [{"question": q, "base": b, "tuned": answers.get(q) or ""}
-                             for q, b in zip(COMPARE, before, strict=True)]
+        _against_base(model, tokenizer, template, base, sets, answers, max_new_tokens, result)
     return result
 
 
 def format_report(result: dict[str, Any], name: str, name_en: str | None) -> str:
+    forgetting = "forgetting" in result["zh"]
+    head = "| language | identity named (held-out) | general questions hijacked |"
     lines = [f"identity: {name}" + (f" / {name_en}" if name_en and name_en != name else ""), "",
-             "| language | identity named (held-out) | general questions hijacked |", "|---|---|---|"]
+             head + (" KL from base (general) | top-1 agreement |" if forgetting else ""),
+             "|---|---|---|" + ("---|---|" if forgetting else "")]
     for lang in ("zh", "en"):
         r = result[lang]
-        lines.append(f"| {lang} | {r['identity_rate']:.0%} ({r['identity_n']}) | "
-                     f"{r['hijack_rate']:.0%} ({r['general_n']}) |")
+        row = f"| {lang} | {r['identity_rate']:.0%} ({r['identity_n']}) | {r['hijack_rate']:.0%} ({r['general_n']}) |"
+        if forgetting:
+            f = r["forgetting"]
+            row += f" {f['kl']:.3f} nats/token | {f['top1_agreement']:.1%} ({f['tokens']} tokens) |"
+        lines.append(row)
+    if forgetting:
+        lines += ["", "KL and agreement: the tuned model against the base on the base model's own answers "
+                      "to the general questions (0 and 100% = nothing moved)"]
     for lang in ("zh", "en"):
         for m in result[lang]["identity_misses"][:3]:
             lines.append(f"  miss [{lang}] {m['question']} -> {m['answer'][:80]!r}")
