@@ -100,3 +100,62 @@ def test_a_compiler_failure_warns_once_and_trains_eagerly():
         torch.testing.assert_close(loss, want[0])
         for name, g in want[1].items():
             torch.testing.assert_close(grads[name], g)
+
+
+def _qlora_llama(path):
+    """A 4-bit (NF4, double-quantised, as the qlora presets) LoRA Llama: 128 wide, since
+    bitsandbytes quantises in blocks of 64."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    enable(model, varlen=False)
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("recomputed", [False, True])
+def test_4bit_layers_compile_into_one_graph_and_train_as_eager(tmp_path, recomputed):
+    """QLoRA's decoder layers trace whole (bitsandbytes' dequantisation is a torch.library op): no
+    graph break, one graph for every layer after the first (whose input needs no gradient), and
+    the eager loss and gradients."""
+    pytest.importorskip("bitsandbytes")
+    eager, compiled = _qlora_llama(tmp_path), _qlora_llama(tmp_path)
+    assert type(compiled.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    if recomputed:
+        for model in (eager, compiled):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_layers(recompute.decoder_layers(compiled), backend=counting)
+    for seed, length in ((0, 12), (1, 20)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            want, got = _step(eager, _batch(seed, length)), _step(compiled, _batch(seed, length))
+        assert not [w for w in seen if "running them eagerly" in str(w.message)]
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for name, g in want[1].items():
+            torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5)
+    # each graph holds a whole layer: its 7 projections dequantised in forward, and again in backward
+    # where the input needs a gradient (all 7 from the second layer on; not q/k/v in the first)
+    counts = {"".join(m.code for m in g.modules() if isinstance(m, torch.fx.GraphModule))
+              .count("torch.ops.bitsandbytes.dequantize_4bit.default") for g in graphs}
+    assert 14 in counts and counts <= {11, 14}, counts
+    assert len(graphs) <= 4  # 2 first-layer / other-layer graphs; a new length may add one dynamic each

@@ -22,11 +22,13 @@ from gpu.gpu_support import losses, packed_rows, set_up, word_chats
 BF16_STEP = 2.0 ** -8
 
 
-def test_compiled_layers_train_like_eager_ones(gpu_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_compiled_layers_train_like_eager_ones(gpu_model_dir, tmp_path, method):
+    """QLoRA's layers compile too (bitsandbytes' dequantisation is a torch.library op)."""
     rows = packed_rows(2, 1024, alphabet=64) * 3
-    compiled = set_up(gpu_model_dir, tmp_path / "c", rows, compile=True)
+    compiled = set_up(gpu_model_dir, tmp_path / "c", rows, compile=True, method=method)
     assert compiled.fast.compiled_layers == 8, compiled.fast.describe()
-    eager = set_up(gpu_model_dir, tmp_path / "e", rows, compile=False)
+    eager = set_up(gpu_model_dir, tmp_path / "e", rows, compile=False, method=method)
     assert eager.fast.compiled_layers == 0
     got, want = losses(compiled, 6), losses(eager, 6)
     # the same weights, the same data: only the kernels' rounding differs

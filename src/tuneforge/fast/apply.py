@@ -48,10 +48,10 @@ def apply(model: Any, cfg: Config, target: Target, say: Callable[[str], None]) -
         for name, n in (fast.peft_layers or {}).items():
             say(f"{name}: {n} LoRA layers run peft's own forward (the fused LoRA computes plain LoRA only)")
     fast.memory = plan_memory(model, cfg, target)
-    # Not ZeRO-3 (its hooks gather weights inside the layer) nor 4-bit weights (bitsandbytes
-    # calls are opaque to the compiler) yet.
-    if fast.fused and target.device.type == "cuda" and target.compile and not target.partitioned \
-            and cfg.method != "qlora":
+    # Not ZeRO-3 (its hooks gather weights inside the layer). 4-bit layers compile too: bitsandbytes
+    # (>= 0.46) defines its dequantisation as torch.library ops, so the fused LoRA function, with
+    # its dequantise-in-forward-and-again-in-backward, traces into the layer's graph unchanged.
+    if fast.fused and target.device.type == "cuda" and target.compile and not target.partitioned:
         fast.compiled_layers = compile_layers(recompute.decoder_layers(model))
     return fast
 
