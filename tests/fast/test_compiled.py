@@ -58,7 +58,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(recomputed):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             want, got = _step(eager, _batch(seed, length)), _step(compiled, _batch(seed, length))
-        assert not [w for w in seen if "running them eagerly" in str(w.message)]
+        assert not [w for w in seen if "running them eagerly" in str(w.message)], [str(w.message) for w in seen]
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         for name, g in want[1].items():
             torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5)
@@ -133,13 +133,25 @@ def test_4bit_layers_compile_into_one_graph_and_train_as_eager(tmp_path, recompu
     graph break, one graph for every layer after the first (whose input needs no gradient), and
     the eager loss and gradients."""
     pytest.importorskip("bitsandbytes")
+    torch._dynamo.reset()  # the earlier tests' graphs of the same layer code count against its cache limit
     eager, compiled = _qlora_llama(tmp_path), _qlora_llama(tmp_path)
     assert type(compiled.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
-    graphs = []
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    graphs, saved = [], []  # each graph's code; the shapes its forward saves for backward
+
+    def saves(gm, inputs):  # the forward graph's outputs beyond the layer's: what backward keeps
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        shapes = [tuple(a.meta["val"].shape) for a in outputs if isinstance(getattr(a, "meta", {}).get("val"), torch.Tensor)]
+        saved.extend(s for s in shapes if all(isinstance(d, int) for d in s))  # a weight's shape is static
+        return make_boxed_func(gm.forward)
+
+    def counting(gm, inputs):  # Inductor's partitioner, without Inductor
+        graphs.append("".join(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
+        return aot_module_simplified(gm, inputs, fw_compiler=saves, bw_compiler=lambda g, i: make_boxed_func(g.forward),
+                                     partition_fn=min_cut_rematerialization_partition)
 
     if recomputed:
         for model in (eager, compiled):
@@ -149,13 +161,15 @@ def test_4bit_layers_compile_into_one_graph_and_train_as_eager(tmp_path, recompu
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             want, got = _step(eager, _batch(seed, length)), _step(compiled, _batch(seed, length))
-        assert not [w for w in seen if "running them eagerly" in str(w.message)]
+        assert not [w for w in seen if "running them eagerly" in str(w.message)], [str(w.message) for w in seen]
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         for name, g in want[1].items():
             torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5)
     # each graph holds a whole layer: its 7 projections dequantised in forward, and again in backward
     # where the input needs a gradient (all 7 from the second layer on; not q/k/v in the first)
-    counts = {"".join(m.code for m in g.modules() if isinstance(m, torch.fx.GraphModule))
-              .count("torch.ops.bitsandbytes.dequantize_4bit.default") for g in graphs}
+    counts = {code.count("torch.ops.bitsandbytes.dequantize_4bit.default") for code in graphs}
     assert 14 in counts and counts <= {11, 14}, counts
+    # and no dense weight is kept from forward to backward (the point of 4-bit weights)
+    weights = {tuple(m.weight.quant_state.shape) for m in compiled.modules() if type(m).__name__ == "Linear4bit"}
+    assert saved and not weights & set(saved), weights & set(saved)
     assert len(graphs) <= 4  # 2 first-layer / other-layer graphs; a new length may add one dynamic each
