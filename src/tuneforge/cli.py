@@ -230,9 +230,9 @@ def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
 
 def _sft_only(cfg: Config, command: str) -> None:
     if cfg.preference:
-        raise UserError(f"{command} reads SFT records only so far, and this config trains pairs "
-                        f"(objective={cfg.objective!r}); `tuneforge train` checks every pair line before the "
-                        "model loads (docs/preference.md)")
+        raise UserError(f"{command} shows SFT samples only so far, and this config trains pairs "
+                        f"(objective={cfg.objective!r}); `tuneforge check-dataset` checks every pair line and shows the "
+                        "first pair's two sides (docs/preference.md)")
 
 
 def cmd_check_dataset(args: argparse.Namespace) -> None:
@@ -240,7 +240,6 @@ def cmd_check_dataset(args: argparse.Namespace) -> None:
     from tuneforge.data.inspect import check_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
-    _sft_only(cfg, "check-dataset")
     if args.skip_bad_lines:
         cfg.skip_bad_lines = True
     report, bad = check_dataset(cfg, *_tokenizer_and_template(cfg))

@@ -200,3 +200,22 @@ def test_sft_refuses_a_pair_record_rather_than_learning_a_side(record):
 
     with pytest.raises(UserError, match=r"f:1: rejected\w*: a preference pair .*objective='dpo'"):
         to_messages(record, "auto", "f:1")
+
+
+def test_check_dataset_reports_pairs_formats_bad_lines_and_both_sides(tmp_path, tokenizer, bundled_path):
+    """check-dataset on a preference config: each file's pair format, the bad line by FILE:LINE,
+    pairs counted as pairs, and the first pair's chosen and rejected answers marked as trained."""
+    from tuneforge.data.inspect import check_dataset
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [OTHERS["trl"], OTHERS["swift"], {"prompt": "q", "chosen": "a"},
+                                                  OTHERS["trl-conversational"]])
+    cfg = build_config(dict(pretrained_model_name_or_path=str(bundled_path), data_files=str(path), objective="dpo"))
+    report, bad = check_dataset(cfg, tokenizer, get_template("auto", tokenizer))
+    assert bad == 1, report
+    assert "pairs.jsonl:3: rejected: missing" in report
+    assert "pairs 3, bad lines 1" in report and "pairs: 3 usable (objective dpo)" in report, report
+    assert "trl 2, swift 1, trl-conversational 1; pairs 3, bad lines 1" in report, report
+    chosen, rejected = report.split("first pair (")[1:]
+    assert chosen.startswith(f"{path}:1), chosen") and chosen.rstrip().endswith("<|im_start|>assistant\n⟦ blue.<|im_end|>⟧")
+    assert rejected.startswith(f"{path}:1), rejected") and rejected.rstrip().endswith("⟦ green.<|im_end|>⟧")
+    assert chosen.count("⟦") == rejected.count("⟦") == 2  # the header's and the answer's: the prompt is context

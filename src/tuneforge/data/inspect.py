@@ -10,7 +10,7 @@ import numpy as np
 
 from tuneforge.config.schema import Config
 from tuneforge.data.cache import encode_file, tokenizer_fingerprint, with_system
-from tuneforge.data.dataset import build_rows, encode_settings, read_limit, resolve_source
+from tuneforge.data.dataset import build_pair_rows, build_rows, encode_settings, read_limit, resolve_source
 from tuneforge.data.encode import IGNORE, Encoded
 from tuneforge.data.formats import (
     Sample,
@@ -20,6 +20,7 @@ from tuneforge.data.formats import (
     iter_records,
     to_messages,
 )
+from tuneforge.data.pairs import Pair, detect_pair_format, iter_pairs
 from tuneforge.data.templates import Template, split_for_training
 from tuneforge.errors import UserError
 
@@ -51,10 +52,15 @@ def masked_text(tokenizer: Any, enc: Encoded) -> str:
     return "".join(out)
 
 
-def first_good_sample(cfg: Config) -> Sample | None:
+def first_good_sample(cfg: Config) -> Sample | Pair | None:
     source = cfg.data_sources[0]
     fmt = source.format or cfg.data_format
     for path in resolve_source(source, cfg):
+        if cfg.preference:
+            pair = next(iter_pairs(path, fmt, bad=[]), None)
+            if pair is not None:
+                return pair
+            continue
         for where, rec in iter_records(path):
             try:
                 messages = to_messages(rec, fmt, where)
@@ -71,14 +77,15 @@ def marked_render(template: Template, tokenizer: Any, cfg: Config, sample: Sampl
     return "".join(f"⟦{t}⟧" if trained else t for t, trained in segments)
 
 
-def detected_format(path: Source, data_format: str) -> str:
+def detected_format(path: Source, data_format: str, pairs: bool = False) -> str:
     """The record format(s) of PATH's first records, e.g. "alpaca" or "messages 9, unknown 1"."""
     if data_format != "auto":
         return f"{data_format} (data_format)"
+    detect = detect_pair_format if pairs else detect_format
     found: Counter[str] = Counter()
     for where, rec in islice(iter_records(path, bad=[]), DETECT_RECORDS):
         try:
-            found[detect_format(rec, where)] += 1
+            found[detect(rec, where)] += 1
         except UserError:  # a record of no known shape; named among the bad lines
             found["unknown"] += 1
     if len(found) == 1:
@@ -97,8 +104,9 @@ def file_report(cfg: Config, tokenizer: Any, template: Template) -> tuple[list[s
     for path, src in paths.items():
         settings = encode_settings(skipping, template, src)
         store, _ = encode_file(path, tokenizer, settings, fp, limit=read_limit(cfg, src))
-        lines.append(f"  {path}: {file_kind(path)}, {detected_format(path, settings.data_format)}; "
-                     f"samples {len(store)}, bad lines {len(store.bad)}")
+        unit, n = ("pairs", len(store) // 2) if cfg.preference else ("samples", len(store))
+        lines.append(f"  {path}: {file_kind(path)}, {detected_format(path, settings.data_format, cfg.preference)}; "
+                     f"{unit} {n}, bad lines {len(store.bad)}")
         bad += store.bad
     return lines, bad
 
@@ -111,27 +119,36 @@ def check_dataset(cfg: Config, tokenizer: Any, template: Template) -> tuple[str,
                                                  " (training stops on these; fix them or use --skip-bad-lines)"))
         lines += [f"  {b}" for b in bad[:SHOW_BAD]]
         lines += [f"  … {len(bad) - SHOW_BAD} more"] if len(bad) > SHOW_BAD else []
+    unit = "pair" if cfg.preference else "sample"
+    build = build_pair_rows if cfg.preference else build_rows
     try:
-        rows, stats = build_rows(cfg.model_copy(update={"skip_bad_lines": True}), tokenizer, template)
+        rows, stats = build(cfg.model_copy(update={"skip_bad_lines": True}), tokenizer, template)
     except UserError as err:
         if not bad or cfg.skip_bad_lines:
             raise
-        every_line_bad = str(err).startswith("no usable sample")
-        lines.append("samples: 0 usable (every line is bad)" if every_line_bad else f"nothing to train on: {err}")
+        every_line_bad = str(err).startswith(f"no usable {unit}")
+        lines.append(f"{unit}s: 0 usable (every line is bad)" if every_line_bad else f"nothing to train on: {err}")
         return "\n".join(lines), len(bad)
     lengths = rows.lengths
     lines += [
-        f"samples: {stats.samples} usable, template {template.name}, max_length {cfg.max_length}",
-        f"tokens per sample: min {lengths.min()}, median {np.median(lengths):.0f}, "
+        f"{unit}s: {stats.samples} usable" + (f" (objective {cfg.objective}; {stats.dropped} dropped: an answer "
+                                              "cut away entirely)" if cfg.preference and stats.dropped else
+                                              f" (objective {cfg.objective})" if cfg.preference else "")
+        + f", template {template.name}, max_length {cfg.max_length}",
+        f"tokens per {unit}: min {lengths.min()}, median {np.median(lengths):.0f}, "
         f"p95 {np.percentile(lengths, 95):.0f}, max {lengths.max()}",
         f"truncated: {stats.truncated}" + (" (dropped: long_samples='drop')" if cfg.long_samples == "drop" else ""),
-        f"rows: {stats.rows} ({'packed' if cfg.pack_to_max_length else 'one sample each'}), "
+        f"rows: {stats.rows} ({'packed' if cfg.pack_to_max_length else f'one {unit} each'}), "
         f"fill {stats.fill_rate:.1%}, {stats.tokens} tokens, {stats.trained_tokens} trained",
     ]
-    sample = first_good_sample(cfg)
-    if sample is not None:
-        lines += ["", f"first sample ({sample.where}), trained parts between ⟦ ⟧:",
-                  marked_render(template, tokenizer, cfg, sample)]
+    first = first_good_sample(cfg)
+    if isinstance(first, Pair):
+        for side, messages in (("chosen", first.chosen), ("rejected", first.rejected)):
+            lines += ["", f"first pair ({first.where}), {side}, trained parts between ⟦ ⟧:",
+                      marked_render(template, tokenizer, cfg, Sample(messages, first.where))]
+    elif first is not None:
+        lines += ["", f"first sample ({first.where}), trained parts between ⟦ ⟧:",
+                  marked_render(template, tokenizer, cfg, first)]
     return "\n".join(lines), len(bad)
 
 
