@@ -10,7 +10,13 @@ import numpy as np
 
 from tuneforge.config.schema import Config
 from tuneforge.data.cache import encode_file, tokenizer_fingerprint, with_system
-from tuneforge.data.dataset import build_pair_rows, build_rows, encode_settings, read_limit, resolve_source
+from tuneforge.data.dataset import (
+    build_pair_rows,
+    build_rows,
+    encode_settings,
+    read_limit,
+    resolve_source,
+)
 from tuneforge.data.encode import IGNORE, Encoded
 from tuneforge.data.formats import (
     Sample,
