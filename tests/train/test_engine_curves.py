@@ -16,6 +16,11 @@ sys.path.insert(0, str(HERE.parent.parent / "scripts"))
 import engine_curves  # noqa: E402
 
 RECORDED = json.loads((HERE / "data" / "engine_curves.json").read_text())
+# The curves were recorded on a CPU without AVX512-BF16; on one with it (CI's machines since
+# 2026-12-02) fp32 GEMMs sum in another order, and the full fine-tune's 50 steps carry that to
+# 8e-5 of the gradient norm and 1.5e-6 of the loss (measured). A changed update (learning rate,
+# a dropped micro-batch, clipping) moves them by 1e-3 or more: test_the_cross_cpu_bound_sees_a_changed_update.
+CROSS_CPU = 2e-4
 OLD_CHECKPOINTS = HERE / "data" / "checkpoints_v1"
 
 
@@ -37,7 +42,7 @@ def test_fifty_steps_equal_the_recorded_curve(setup, name):
     root, model, data = setup
     nproc, extra, method = engine_curves.ENGINES[name]
     got = engine_curves.train(engine_curves.write_config(root, model, data, method), root / name, nproc, extra)
-    assert engine_curves.differences({name: got}, {name: RECORDED[name]}) == []
+    assert engine_curves.differences({name: got}, {name: RECORDED[name]}, rel=CROSS_CPU) == []
 
 
 @pytest.mark.slow
@@ -51,7 +56,7 @@ def test_a_checkpoint_written_before_the_redesign_resumes_to_the_same_curve(setu
                               resume=OLD_CHECKPOINTS / f"{name}.pth")
     assert [r["step"] for r in got] == list(range(engine_curves.SAVE_AT + 1, engine_curves.STEPS + 1))
     want = [r for r in RECORDED[name] if r["step"] > engine_curves.SAVE_AT]
-    assert engine_curves.differences({name: got}, {name: want}) == []
+    assert engine_curves.differences({name: got}, {name: want}, rel=CROSS_CPU) == []
 
 
 def test_the_comparison_sees_a_changed_number():
@@ -59,3 +64,9 @@ def test_the_comparison_sees_a_changed_number():
     nudged = [dict(r, loss=r["loss"] * (1 + 2e-6)) if r["step"] == 7 else r for r in curve]
     assert engine_curves.differences({"local-lora": nudged}, {"local-lora": curve}) == [
         f"local-lora: step 7 loss {curve[6]['loss'] * (1 + 2e-6)} != {curve[6]['loss']}"]
+
+
+def test_the_cross_cpu_bound_sees_a_changed_update():
+    curve = RECORDED["local-full"]
+    nudged = [dict(r, grad_norm=r["grad_norm"] * (1 + 1e-3)) if r["step"] == 30 else r for r in curve]
+    assert len(engine_curves.differences({"local-full": nudged}, {"local-full": curve}, rel=CROSS_CPU)) == 1

@@ -206,7 +206,10 @@ def test_the_bounds_see_a_wrong_update(tiny_model_dir, reference, tmp_path):
 ])
 def test_qlora_and_full_on_two_ranks_match_one_process(tiny_model_dir, reference, tmp_path, method, engine):
     """3 steps; the full fine-tune at lr 1e-4, where twice the lr moves the third step's loss by
-    30x LOSS_TOL and its weights by 700x `weight_bound` (measured)."""
+    30x LOSS_TOL and its weights by 700x `weight_bound` (measured). QLoRA's weights get 10x the
+    bound: one adapter element (a near-zero gradient, which Adam's normalisation turns into a
+    full-size step) ends 2.0x the bound apart with AVX2 kernels and 3.5x with AVX512 ones (an AMD
+    EPYC, 2026-12-02), 18 ulps; twice the lr moves the adapters by ~1e-3 a step, 1,000x more."""
     _, data, _ = reference
     lr = 1e-4 if method == "full" else 1e-3
     runs = []
@@ -214,7 +217,8 @@ def test_qlora_and_full_on_two_ranks_match_one_process(tiny_model_dir, reference
         cfg = _config(tmp_path, tiny_model_dir, data, accumulation, method=method, max_steps=3, lr=lr)
         runs.append(_train(cfg, tmp_path / f"{method}{nproc}", nproc, *flags))
     assert loss_excess(runs[1], runs[0]) <= 1
-    assert weight_excess(tmp_path / f"{method}2" / "iter_3.pth", tmp_path / f"{method}1" / "iter_3.pth", 3, lr) <= 1
+    assert weight_excess(tmp_path / f"{method}2" / "iter_3.pth", tmp_path / f"{method}1" / "iter_3.pth", 3, lr) \
+        <= (10 if method == "qlora" else 1)
 
 
 @pytest.mark.slow

@@ -87,8 +87,7 @@ def apply_lora(model: Any, cfg: Config, base_dir: Path | None = None) -> Any:
                         "(e.g. ['q_proj', 'v_proj'])") from err
     if cfg.lora_variant == "loftq":
         loftq(wrapped, base_dir)
-    if cfg.lora_variant == "dora":
-        keep_4bit_layout(wrapped)
+    keep_4bit_layout(wrapped)  # (a no-op without 4-bit layers)
     return wrapped
 
 
@@ -97,7 +96,9 @@ def keep_4bit_layout(model: Any) -> None:
     eval mode without grad (the evaluation hook's), and dequantize_4bit then misreads it: DoRA's
     weight norm, which peft computes from the dequantized weight, came out wrong after that on
     such a CPU (a 4-bit DoRA model started 0.08 in logits away from the plain 4-bit one on the
-    tiny model). The weights keep the layout dequantize_4bit reads."""
+    tiny model). The fused LoRA (fast/lora.py) dequantizes the weights itself as well: QLoRA on two
+    ranks ended 3.5x the fp32 rounding bound away from one process on such a CPU. The weights keep
+    the layout dequantize_4bit reads."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
