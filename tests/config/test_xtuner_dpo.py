@@ -237,7 +237,7 @@ def test_the_jsonl_dataset_variant_reads_its_files(tmp_path):
     (("dpo_loss_type = 'sigmoid'", "dpo_loss_type = 'kto_pair'"),
      "model.loss_type (dpo_loss_type) = 'kto_pair' (one of XTuner's kto_pair, sppo_hard, nca_pair, robust): "
      "tuneforge trains the DPO losses 'sigmoid', 'ipo', 'hinge'; set dpo_loss_type to one of them"),
-    (("dpo_loss_type = 'sigmoid'", "dpo_loss_type = 'robust'"), "'robust' (one of XTuner's"),
+    (("dpo_loss_type = 'sigmoid'", "dpo_loss_type = 'robust'"), "('robust' with label_smoothing = 0 is 'sigmoid')"),
     (("label_smoothing = 0.0", "label_smoothing = 0.1"),
      "model.label_smoothing = 0.1: tuneforge's DPO losses have no label smoothing; set label_smoothing = 0.0"),
     (("is_reward=False", "is_reward=True"), "train_dataset is_reward=True: tuneforge does not train reward models"),

@@ -352,8 +352,10 @@ def _map_dpo(m: _Mapping, model: dict) -> None:
     if loss not in DPO_LOSSES:
         other = f"{loss!r} (one of XTuner's {', '.join(XTUNER_DPO_LOSSES[3:])})" \
             if loss in XTUNER_DPO_LOSSES else _short(loss)
+        # XTuner's robust loss without label smoothing is the sigmoid loss term for term
+        hint = " ('robust' with label_smoothing = 0 is 'sigmoid')" if loss == "robust" else ""
         raise UserError(f"{m.path}: model.loss_type (dpo_loss_type) = {other}: tuneforge trains the DPO losses "
-                        f"{', '.join(repr(x) for x in DPO_LOSSES)}; set dpo_loss_type to one of them")
+                        f"{', '.join(repr(x) for x in DPO_LOSSES)}; set dpo_loss_type to one of them{hint}")
     m.take("dpo_loss", loss)
     m.take_from(model, {"beta": "beta"})
     smoothing = model.get("label_smoothing", 0.0)
