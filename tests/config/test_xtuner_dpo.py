@@ -205,6 +205,13 @@ def test_xtuners_orpo_config_is_orpo_with_its_beta_as_orpo_lambda(tmp_path, beta
     assert cfg.objective == "orpo" and cfg.orpo_lambda == lam and cfg.beta is None
 
 
+def test_a_ref_llm_that_is_the_trained_model_is_the_reference_tuneforge_uses(tmp_path):
+    text = DPO_FULL.replace("label_smoothing=label_smoothing,", "label_smoothing=label_smoothing, ref_llm=dict("
+                            "type=AutoModelForCausalLM.from_pretrained, "
+                            "pretrained_model_name_or_path=pretrained_model_name_or_path),")
+    assert read_xtuner_config(_write(tmp_path, text))[0]["objective"] == "dpo"
+
+
 @pytest.mark.parametrize("loss", ["ipo", "hinge"])
 def test_the_other_dpo_losses_tuneforge_trains_are_taken(tmp_path, loss):
     text = DPO_FULL.replace("dpo_loss_type = 'sigmoid'", f"dpo_loss_type = {loss!r}")
@@ -244,9 +251,15 @@ def test_the_jsonl_dataset_variant_reads_its_files(tmp_path):
     (("dataset_map_fn=orpo_dpo_mix_40k_map_fn", "dataset_map_fn=intel_orca_dpo_map_fn"),
      "rename each record's 'question' to 'instruction'"),
     (("type=DPO,", "type=SupervisedFinetune,"), "but model is not dict(type=DPO) or dict(type=ORPO)"),
+    (("type=DPO,", "type=RewardModel,"), "model = dict(type=RewardModel): tuneforge does not train reward models"),
+    (("label_smoothing=label_smoothing,", "label_smoothing=label_smoothing, ref_llm=dict(type=AutoModelForCausalLM."
+      "from_pretrained, pretrained_model_name_or_path='internlm/internlm2-chat-7b-sft'),"),
+     "model.ref_llm = 'internlm/internlm2-chat-7b-sft': tuneforge's DPO reference is the model before training"),
 ])
 def test_what_tuneforge_cannot_train_is_one_clear_line(tmp_path, edit, needle):
     text = DPO_FULL.replace(*edit).replace("orpo_dpo_mix_40k_map_fn\n", "orpo_dpo_mix_40k_map_fn, intel_orca_dpo_map_fn\n")
+    text = text.replace("from xtuner.model.dpo import DPO", "from xtuner.model.dpo import DPO\nfrom xtuner.model import "
+                        "RewardModel, SupervisedFinetune")
     with pytest.raises(UserError) as err:
         load_config(_write(tmp_path, text))
     line = str(err.value)
@@ -267,12 +280,13 @@ def test_orpo_dpo_mix_records_are_read_as_its_map_function_reads_them():
     assert [m.role for m in pair.chosen] == ["user", "assistant"] and pair.chosen[-1].loss
 
 
-def test_an_xtuner_dpo_config_trains_the_tiny_model(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("config", "objective"), [(DPO_FULL, "dpo"), (ORPO_FULL.replace("ORPO_BETA", "beta=0.2,"), "orpo")])
+def test_an_xtuner_preference_config_trains_the_tiny_model(tiny_model_dir, tmp_path, config, objective):
     data = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": [{"role": "user", "content": f"question {i}"}],
          "chosen": [{"role": "assistant", "content": f"good answer {i}"}],
          "rejected": [{"role": "assistant", "content": f"bad {i} answer"}]} for i in range(4)])
-    text = DPO_FULL.replace("'internlm/internlm2-chat-1_8b-sft'", repr(str(tiny_model_dir)))
+    text = config.replace("'internlm/internlm2-chat-1_8b-sft'", repr(str(tiny_model_dir)))
     text = text.replace("max_length = 2048", "max_length = 64").replace(
         "dataset=dict(type=load_dataset, path='mlabonne/orpo-dpo-mix-40k')",
         f"dataset=dict(type=load_jsonl_dataset, data_files=[{str(data)!r}])").replace(
@@ -282,8 +296,12 @@ def test_an_xtuner_dpo_config_trains_the_tiny_model(tiny_model_dir, tmp_path):
     proc = tuneforge("train", str(path), "--work-dir", str(work), "--no-progress", "--cfg-options", "max_steps=2",
                      "lr=1e-3", "replay_general=False", "identity_guard=False", "evaluation_inputs=[]", seconds=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "objective='dpo'" in proc.stderr and "dpo_loss='sigmoid'" in proc.stderr
+    assert f"objective='{objective}'" in proc.stderr
     log = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    assert len(steps) == 2 and steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # DPO's log 2 at step 1
+    assert len(steps) == 2 and all("margin" in r for r in steps)
+    if objective == "dpo":  # DPO's log 2 at step 1: the policy is its reference
+        assert "dpo_loss='sigmoid'" in proc.stderr and steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    else:
+        assert "orpo_lambda=0.2" in proc.stderr
     assert (work / "iter_2.pth").exists()

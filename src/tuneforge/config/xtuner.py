@@ -562,9 +562,11 @@ def _pairs_length(m: _Mapping, ds: dict) -> None:
 def _map_pairs_dataset(m: _Mapping, ds: dict) -> None:
     """train_dataset = dict(type=build_preference_dataset, dataset=..., dataset_map_fn=..., is_dpo=True,
     is_reward=False, max_length=..., max_packed_length=..., use_varlen_attn=...)."""
-    if ds.get("is_reward") is True or ds.get("is_reference") is True:
-        raise UserError(f"{m.path}: train_dataset is_reward=True: tuneforge does not train reward models; "
-                        "train the policy on the pairs with is_dpo=True, is_reward=False and model=dict(type=DPO)")
+    # is_reference: POEM's reference-answer records, which XTuner builds for reward models only
+    for key in ("is_reward", "is_reference"):
+        if ds.get(key) is True:
+            raise UserError(f"{m.path}: train_dataset {key}=True: tuneforge does not train reward models; train "
+                            f"the policy on the pairs with is_dpo=True, {key}=False and model=dict(type=DPO)")
     if ds.get("is_dpo") is False:
         raise UserError(f"{m.path}: train_dataset is_dpo=False: XTuner trains preference pairs with is_dpo=True; "
                         "set is_dpo=True")
