@@ -175,7 +175,8 @@ def test_xtuners_dpo_full_config_is_dpo_on_the_hub_dataset(tmp_path):
     # one pair a sample, each side cut to 2048 by XTuner: a row of both sides together here
     assert settings["max_length"] == 4096 and settings["pack_to_max_length"] is False
     # XTuner renders pairs with the tokenizer's own chat template; its prompt_template is the eval hook's
-    assert "prompt_template" not in settings and "prompt_template" in report.ignored
+    assert "prompt_template" not in settings and "tokenizer's chat template" in report.ignored["prompt_template"]
+    assert "tokenizer's chat template" in report.ignored["SYSTEM"]
     assert "max_length per side" in report.ignored
     # the PART 1 names the model dict reads are not reported as unknown settings
     assert not {"dpo_loss_type", "loss_beta", "label_smoothing"} & set(report.ignored)

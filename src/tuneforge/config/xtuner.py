@@ -588,8 +588,8 @@ def _map_pair_rendering(m: _Mapping, env: dict[str, Any]) -> None:
     if m.out.get("objective", "sft") == "sft":
         return
     for key in ("prompt_template", "SYSTEM"):
-        if key in m.out:
-            del m.out[key], m.report.taken[key]
+        if key in m.out or key in m.report.ignored:  # SYSTEM_TEMPLATE.x's line would ask for the text
+            m.out.pop(key, None), m.report.taken.pop(key, None)
             m.report.ignored[key] = "XTuner renders pairs with the tokenizer's chat template and no system " \
                                     "text (it formats EvaluateChatHook only); tuneforge does the same"
 
