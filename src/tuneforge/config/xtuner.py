@@ -5,8 +5,9 @@ imported names become ``Ref``s ("xtuner.utils.PROMPT_TEMPLATE.internlm2_chat"), 
 becomes a dict and calls of anything else become ``Call``s. Then the settings XTuner would use
 (the PART 1 variables, the model's ``lora`` and ``quantization_config``, the dataset, the
 optimizer, the schedulers, the evaluation and checkpoint hooks, the visualizer's backends) are mapped onto tuneforge's
-names, and the reader says which it took and which it ignored. What it cannot map faithfully
-(another dataset map function, sequence parallelism) is refused with a clear line.
+names, and the reader says which it took and which it ignored. A DPO or ORPO model with XTuner's
+preference dataset becomes tuneforge's preference objective. What it cannot map faithfully
+(another dataset map function, sequence parallelism, a reward model) is refused with a clear line.
 """
 
 from __future__ import annotations
@@ -168,8 +169,11 @@ MACHINERY = {
     "load_from": "use --resume", "resume": "use --resume", "log_processor": "XTuner runtime",
     "train_cfg": "read for max_epochs/max_iters", "optim_wrapper": "read for the optimizer",
     "param_scheduler": "read for warmup", "custom_hooks": "read for evaluation",
-    "default_hooks": "read for checkpoints", "randomness": "read for seed", "model": "read for LoRA/QLoRA",
-    "sequence_parallel_size": "1 is the only value tuneforge runs",
+    "default_hooks": "read for checkpoints", "randomness": "read for seed",
+    "model": "read for the objective and LoRA/QLoRA", "sequence_parallel_size": "1 is the only value tuneforge runs",
+    # the DPO configs' PART 1 names, read where model= and train_dataset= use them
+    "dpo_loss_type": "read for model.loss_type", "loss_beta": "read for model.beta",
+    "label_smoothing": "read for model.label_smoothing", "max_packed_length": "read for the dataset",
 }
 TEMPLATES = {"internlm2_chat", "qwen_chat", "llama3_chat", "chatml", "default"}
 OPTIMIZERS = {"AdamW": "AdamW", "AdamW8bit": "AdamW8bit", "PagedAdamW8bit": "AdamW8bit"}
@@ -290,9 +294,10 @@ def _map_part1(m: _Mapping, env: dict[str, Any]) -> None:
 
 
 def _map_model(m: _Mapping, env: dict[str, Any]) -> None:
-    """model = dict(type=SupervisedFinetune, llm=dict(... quantization_config=...), lora=dict(...))"""
+    """model = dict(type=SupervisedFinetune (or DPO, ORPO), llm=dict(... quantization_config=...), lora=dict(...))"""
     model = _sub(env, "model")
     llm = _sub(model, "llm")
+    _map_objective(m, model)
     m.take_from(llm, {"pretrained_model_name_or_path": "pretrained_model_name_or_path",
                       "trust_remote_code": "trust_remote_code"})
     quant = llm.get("quantization_config")
@@ -317,6 +322,55 @@ def _map_model(m: _Mapping, env: dict[str, Any]) -> None:
         m.report.ignored["torch_dtype"] = "tuneforge picks bf16 where the GPU has it (fp32 master weights on CPU)"
 
 
+# ---------------------------------------------------------------- preference training
+
+# DPO's losses tuneforge trains, each as XTuner's DPO computes it (xtuner/model/dpo.py): sigmoid and
+# hinge on summed log-probabilities, ipo on per-token averages
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+XTUNER_DPO_LOSSES = DPO_LOSSES + ("kto_pair", "sppo_hard", "nca_pair", "robust")
+
+
+def _map_objective(m: _Mapping, model: dict) -> None:
+    """model=dict(type=DPO, loss_type=..., beta=..., label_smoothing=...) or dict(type=ORPO, beta=...):
+    the preference objective; SupervisedFinetune (or no type) stays SFT."""
+    kind = _type_name(model)
+    if kind == "RewardModel":
+        raise UserError(f"{m.path}: model = dict(type=RewardModel): tuneforge does not train reward models; "
+                        "train the policy directly on the pairs with model=dict(type=DPO) or dict(type=ORPO)")
+    if kind == "DPO":
+        _map_dpo(m, model)
+    elif kind == "ORPO":
+        m.take("objective", "orpo")
+        # ORPO's beta weighs the odds-ratio term against the chosen answer's NLL
+        # (loss = nll - beta * log sigmoid(log odds ratio), xtuner/model/orpo.py): tuneforge's orpo_lambda
+        m.take_from(model, {"beta": "orpo_lambda"})
+
+
+def _map_dpo(m: _Mapping, model: dict) -> None:
+    m.take("objective", "dpo")
+    loss = model.get("loss_type", "sigmoid")  # DPO's default in XTuner
+    if loss not in DPO_LOSSES:
+        other = f"{loss!r} (one of XTuner's {', '.join(XTUNER_DPO_LOSSES[3:])})" \
+            if loss in XTUNER_DPO_LOSSES else _short(loss)
+        # XTuner's robust loss without label smoothing is the sigmoid loss term for term
+        hint = " ('robust' with label_smoothing = 0 is 'sigmoid')" if loss == "robust" else ""
+        raise UserError(f"{m.path}: model.loss_type (dpo_loss_type) = {other}: tuneforge trains the DPO losses "
+                        f"{', '.join(repr(x) for x in DPO_LOSSES)}; set dpo_loss_type to one of them{hint}")
+    m.take("dpo_loss", loss)
+    m.take_from(model, {"beta": "beta"})
+    smoothing = model.get("label_smoothing", 0.0)
+    if smoothing not in (0, 0.0):
+        # training without it would quietly change the loss XTuner's sigmoid (or robust) loss computes
+        raise UserError(f"{m.path}: model.label_smoothing = {_short(smoothing)}: tuneforge's DPO losses have no "
+                        "label smoothing; set label_smoothing = 0.0")
+    ref = _sub(model, "ref_llm")
+    ref_path = ref.get("pretrained_model_name_or_path")
+    if ref and "lora" not in model and ref_path != _sub(model, "llm").get("pretrained_model_name_or_path"):
+        # with LoRA XTuner itself ignores ref_llm and uses the model with its adapters off
+        raise UserError(f"{m.path}: model.ref_llm = {_short(ref_path)}: tuneforge's DPO reference is the model "
+                        "before training (pretrained_model_name_or_path); remove ref_llm")
+
+
 def _map_lora_variant(m: _Mapping, lora: dict) -> None:
     """peft's LoraConfig switches an XTuner config may pass on: use_dora, use_rslora and the
     initialisations tuneforge runs (init_lora_weights='pissa', 'olora', 'loftq')."""
@@ -332,11 +386,11 @@ def _map_lora_variant(m: _Mapping, lora: dict) -> None:
         m.report.ignored["lora.init_lora_weights"] = f"{init!r}: tuneforge starts LoRA as peft's default does"
 
 
-def _find_datasets(env: dict[str, Any]) -> list[dict]:
-    """The process_hf_dataset dicts the train dataloader reads, in order (several under a
-    ConcatDataset, as ``datasets=[...]`` or ``datasets_cfg=dict(...)``); else the first top-level one."""
-    found = [d for d in _walk_dicts(env.get("train_dataloader", {})) if _type_name(d) == "process_hf_dataset"]
-    found = found or [d for v in env.values() for d in _walk_dicts(v) if _type_name(d) == "process_hf_dataset"][:1]
+def _find_datasets(env: dict[str, Any], kind: str = "process_hf_dataset") -> list[dict]:
+    """The KIND dicts the train dataloader reads, in order (several under a ConcatDataset, as
+    ``datasets=[...]`` or ``datasets_cfg=dict(...)``); else the first top-level one."""
+    found = [d for d in _walk_dicts(env.get("train_dataloader", {})) if _type_name(d) == kind]
+    found = found or [d for v in env.values() for d in _walk_dicts(v) if _type_name(d) == kind][:1]
     return found
 
 
@@ -410,9 +464,17 @@ def _data_sources(m: _Mapping, datasets: list[dict]) -> list[dict]:
 
 def _map_dataset(m: _Mapping, env: dict[str, Any]) -> None:
     """The dataset: dict(type=process_hf_dataset, dataset=dict(type=load_dataset, ...), ...), or
-    several of them concatenated; packing, length and template from the first."""
+    several of them concatenated; packing, length and template from the first. Or XTuner's
+    preference dataset (build_preference_dataset)."""
     datasets = _find_datasets(env)
     if not datasets:
+        pairs = _find_datasets(env, "build_preference_dataset")
+        if pairs:
+            _map_pairs_dataset(m, pairs[0])
+        elif m.out.get("objective", "sft") != "sft":
+            raise UserError(f"{m.path}: model is XTuner's {m.out['objective'].upper()}, but no "
+                            "train_dataset = dict(type=build_preference_dataset, ...) was found; "
+                            "give the pairs as XTuner's DPO configs do")
         return
     ds = datasets[0]
     if len(datasets) == 1:
@@ -439,6 +501,97 @@ def _map_dataset(m: _Mapping, env: dict[str, Any]) -> None:
     m.take_from(ds, {"max_length": "max_length", "pack_to_max_length": "pack_to_max_length"})
     if ds.get("shuffle_before_pack") is False:
         m.report.ignored["shuffle_before_pack"] = "tuneforge packs longest-first and shuffles rows per epoch"
+
+
+# XTuner's preference map functions (xtuner/dataset/preference_dataset.py) whose records tuneforge's
+# pair reader takes as they are: orpo_dpo_mix_40k_map_fn keeps chosen's turns before its last
+# answer as the prompt and each side's last answer, which is what the reader makes of two whole
+# conversations (TRL's implicit prompt), also beside a `prompt` string as those datasets carry it
+PAIR_MAP_FNS = ("orpo_dpo_mix_40k_map_fn",)
+# XTuner's build_preference_dataset packs pairs into rows of this many tokens under use_varlen_attn
+XTUNER_MAX_PACKED_LENGTH = 16384
+
+
+def _pairs_format(m: _Mapping, ds: dict) -> None:
+    """The preference dataset's dataset_map_fn: None or one whose records the pair reader detects."""
+    map_fn = ds.get("dataset_map_fn")
+    name = map_fn.last if isinstance(map_fn, Ref) else map_fn
+    if map_fn is None or name in PAIR_MAP_FNS:
+        return
+    if name == "intel_orca_dpo_map_fn":
+        raise UserError(f"{m.path}: dataset_map_fn = intel_orca_dpo_map_fn: rename each record's 'question' to "
+                        "'instruction' (LLaMA-Factory's pairs, which keep 'system'; docs/preference.md) and set "
+                        "dataset_map_fn=None")
+    raise UserError(f"{m.path}: dataset_map_fn = {_short(name)}: tuneforge reads orpo_dpo_mix_40k_map_fn's "
+                    "records and the pair formats of docs/preference.md as they are; convert the data to one "
+                    "of them and set dataset_map_fn=None")
+
+
+def _pairs_files(m: _Mapping, ds: dict) -> Any:
+    """dataset=dict(type=load_dataset, path=NAME) or dict(type=load_jsonl_dataset, data_files=[...]
+    or data_dir=FOLDER, suffix=...): the data_files tuneforge reads."""
+    inner = _sub(ds, "dataset")
+    if isinstance(inner.get("data_dir"), str):
+        if inner.get("suffix") not in (None, ".jsonl"):
+            m.report.ignored["load_jsonl_dataset suffix"] = "tuneforge reads every data file of data_dir"
+        return inner["data_dir"]
+    files = _dataset_files(m, {"dataset": inner})
+    if files is None:
+        raise UserError(f"{m.path}: train_dataset names no data (dataset=dict(type=load_dataset, path=...) or "
+                        "dict(type=load_jsonl_dataset, data_files=[...]))")
+    return files
+
+
+def _pairs_length(m: _Mapping, ds: dict) -> None:
+    """XTuner cuts each side of a pair to max_length, and packs pairs into rows of max_packed_length
+    only under use_varlen_attn (else one pair a sample); tuneforge's max_length holds a pair's two
+    sides together, so it is the row XTuner trains on."""
+    side = ds.get("max_length", m.out.get("max_length"))
+    varlen = ds.get("use_varlen_attn", m.out.get("use_varlen_attn", False))
+    if not isinstance(side, int) or not isinstance(varlen, bool):
+        m.report.ignored["train_dataset.max_length"] = f"{_short(side)} is not a plain value"
+        return
+    row = ds.get("max_packed_length", XTUNER_MAX_PACKED_LENGTH) if varlen else 2 * side
+    m.take("max_length", row)
+    m.take("pack_to_max_length", varlen)
+    m.report.ignored["max_length per side"] = (
+        f"XTuner cuts chosen and rejected to {side} tokens each; tuneforge fits both sides into "
+        f"max_length={row}, the longer cut first")
+
+
+def _map_pairs_dataset(m: _Mapping, ds: dict) -> None:
+    """train_dataset = dict(type=build_preference_dataset, dataset=..., dataset_map_fn=..., is_dpo=True,
+    is_reward=False, max_length=..., max_packed_length=..., use_varlen_attn=...)."""
+    # is_reference: POEM's reference-answer records, which XTuner builds for reward models only
+    for key in ("is_reward", "is_reference"):
+        if ds.get(key) is True:
+            raise UserError(f"{m.path}: train_dataset {key}=True: tuneforge does not train reward models; train "
+                            f"the policy on the pairs with is_dpo=True, {key}=False and model=dict(type=DPO)")
+    if ds.get("is_dpo") is False:
+        raise UserError(f"{m.path}: train_dataset is_dpo=False: XTuner trains preference pairs with is_dpo=True; "
+                        "set is_dpo=True")
+    if m.out.get("objective", "sft") == "sft":
+        raise UserError(f"{m.path}: train_dataset is XTuner's preference dataset (build_preference_dataset), "
+                        "but model is not dict(type=DPO) or dict(type=ORPO); set model's type to DPO or ORPO")
+    files = _pairs_files(m, ds)
+    m.take("data_files", [files] if isinstance(files, dict) else files)
+    _pairs_format(m, ds)
+    _pairs_length(m, ds)
+    if ds.get("shuffle_before_pack") is False:
+        m.report.ignored["shuffle_before_pack"] = "tuneforge packs longest-first and shuffles rows per epoch"
+
+
+def _map_pair_rendering(m: _Mapping, env: dict[str, Any]) -> None:
+    """XTuner renders preference pairs with the tokenizer's own chat template and no system text:
+    its prompt_template and SYSTEM only format EvaluateChatHook's questions. tuneforge's apply to
+    training too, so a preference config keeps tuneforge's defaults (the tokenizer's template)."""
+    if m.out.get("objective", "sft") == "sft":
+        return
+    for key in ("prompt_template", "SYSTEM"):
+        if key in m.out or key in m.report.ignored:  # SYSTEM_TEMPLATE.x's line would ask for the text
+            m.out.pop(key, None), m.report.taken.pop(key, None)
+            m.report.ignored[key] = "XTuner renders pairs with the tokenizer's chat template and no system " \
+                                    "text (it formats EvaluateChatHook only); tuneforge does the same"
 
 
 def _map_optimizer(m: _Mapping, env: dict[str, Any]) -> None:
@@ -531,8 +684,8 @@ def _map_runtime(m: _Mapping, env: dict[str, Any]) -> None:
 # In this order: a later section overrides what an earlier one took (the dataset's max_length
 # over PART 1's), the report lists settings in the order first taken, and the last one reports
 # what no section read.
-_SECTIONS = (_map_part1, _map_model, _map_dataset, _map_optimizer, _map_schedule, _map_hooks, _map_visualizer,
-             _map_runtime)
+_SECTIONS = (_map_part1, _map_model, _map_dataset, _map_optimizer, _map_schedule, _map_hooks, _map_pair_rendering,
+             _map_visualizer, _map_runtime)
 
 
 def map_settings(env: dict[str, Any], path: Path) -> tuple[dict[str, Any], Report]:

@@ -7,12 +7,13 @@ Formats, detected per record (the keys say which):
   "rejected": {...}}`` (its OpenAI style: ``"messages"`` with ``{"role", "content"}`` answers)
 - TRL: ``{"prompt": str, "chosen": str, "rejected": str}``, or conversational with lists of
   ``{"role", "content"}``; without ``"prompt"``, chosen and rejected are whole conversations and
-  their common beginning is the prompt (TRL's implicit prompt)
+  their common beginning is the prompt (TRL's implicit prompt), also when a ``"prompt"`` string
+  beside them repeats the question (ultrafeedback_binarized-style sets)
 - ms-swift: ``{"messages": [..., {"role": "assistant", "content": chosen}], "rejected_response"}``
   (and its older ``{"query", "response", "rejected_response", "history"?}``)
 - XTuner: ``{"chosen_conversations": [...], "rejected_conversations": [...]}`` in ShareGPT turns;
   the two may differ before their last answer. XTuner 0.x's own DPO records are TRL's
-  conversational ones.
+  conversational ones, and its orpo_dpo_mix_40k_map_fn reads TRL's implicit ones.
 
 Each side becomes a whole conversation whose last answer (the completion) is trained and whose
 earlier turns are context only, so that everything the pair shares is never learned.
@@ -65,13 +66,23 @@ def detect_pair_format(record: Any, where: str) -> str:
             return "llamafactory-messages"
         if "instruction" in record:
             return "llamafactory"
-        if "prompt" in record:
+        if "prompt" in record and not _whole_conversations(record):
             return "trl" if isinstance(record["prompt"], str) else "trl-conversational"
         return "trl-implicit"
     raise UserError(
         f"{where}: not a preference pair (keys: {', '.join(sorted(record)) or 'none'}); expected a chosen "
         "and a rejected answer: 'chosen'/'rejected' (LLaMA-Factory, TRL), 'rejected_response' (ms-swift) "
         "or 'chosen_conversations'/'rejected_conversations' (XTuner); objective='sft' trains plain records")
+
+
+def _whole_conversations(record: dict) -> bool:
+    """A string prompt beside chosen and rejected conversations that hold the question themselves,
+    as ultrafeedback_binarized-style sets keep it (mlabonne/orpo-dpo-mix-40k, argilla's, H4's): the
+    conversations are the pair and the string only repeats the question (XTuner's
+    orpo_dpo_mix_40k_map_fn drops it too)."""
+    chosen = record.get("chosen")
+    return isinstance(record.get("prompt"), str) and isinstance(chosen, list) and any(
+        isinstance(m, dict) and m.get("role") == "user" for m in chosen)
 
 
 def _context(messages: list[Message]) -> list[Message]:
