@@ -47,14 +47,10 @@ def _batch(seed: int, length: int = 12):
     return {"input_ids": ids, "position_ids": torch.arange(length)[None], "labels": ids.clone()}
 
 
-@pytest.mark.parametrize("recomputed", [False, True])
-def test_compiled_layers_give_the_eager_loss_and_gradients(recomputed):
-    eager = _lora_llama()
-    if recomputed:  # recomputation stops a layer's second forward early, by raising
-        eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled = copy.deepcopy(eager)
-    assert compile_layers(recompute.decoder_layers(compiled), backend="aot_eager") == 2
-    for seed, length in ((0, 12), (1, 12), (2, 20)):  # a new length: recompiled, still equal
+def _assert_trains_alike(eager, compiled, cases) -> None:
+    """A step on each (seed, length) batch: the compiled model, without falling back to eager,
+    gives the eager loss and gradients."""
+    for seed, length in cases:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             want, got = _step(eager, _batch(seed, length)), _step(compiled, _batch(seed, length))
@@ -62,6 +58,16 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(recomputed):
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         for name, g in want[1].items():
             torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recomputed", [False, True])
+def test_compiled_layers_give_the_eager_loss_and_gradients(recomputed):
+    eager = _lora_llama()
+    if recomputed:  # recomputation stops a layer's second forward early, by raising
+        eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(recompute.decoder_layers(compiled), backend="aot_eager") == 2
+    _assert_trains_alike(eager, compiled, ((0, 12), (1, 12), (2, 20)))  # a new length: recompiled, still equal
 
 
 def test_calls_without_gradients_run_eagerly():
@@ -157,14 +163,7 @@ def test_4bit_layers_compile_into_one_graph_and_train_as_eager(tmp_path, recompu
         for model in (eager, compiled):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compile_layers(recompute.decoder_layers(compiled), backend=counting)
-    for seed, length in ((0, 12), (1, 20)):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            want, got = _step(eager, _batch(seed, length)), _step(compiled, _batch(seed, length))
-        assert not [w for w in seen if "running them eagerly" in str(w.message)], [str(w.message) for w in seen]
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-        for name, g in want[1].items():
-            torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5)
+    _assert_trains_alike(eager, compiled, ((0, 12), (1, 20)))
     # each graph holds a whole layer: its 7 projections dequantised in forward, and again in backward
     # where the input needs a gradient (all 7 from the second layer on; not q/k/v in the first)
     counts = {code.count("torch.ops.bitsandbytes.dequantize_4bit.default") for code in graphs}

@@ -28,6 +28,13 @@ from tuneforge.data.templates import Template, split_for_training
 Base = Any
 
 
+def base_of(model: Any, base: Base) -> tuple[Any, Callable[[], AbstractContextManager]]:
+    """The model that answers as the base, and the context it answers in."""
+    if hasattr(base, "generate"):  # a model of its own
+        return base, nullcontext
+    return model, base
+
+
 @dataclass(frozen=True)
 class Forgetting:
     kl: float  # mean per answer token, nats
@@ -75,9 +82,7 @@ def _log_probs(model: Any, ids: torch.Tensor, mask: torch.Tensor, scored: torch.
 def measure_forgetting(model: Any, base: Base, tokenizer: Any, template: Template, answered: list[Answered],
                        batch_size: int = 8, max_length: int = 1024) -> Forgetting:
     """KL and top-1 agreement of MODEL against BASE on the base model's ANSWERED questions."""
-    is_model = hasattr(base, "generate")
-    base_model = base if is_model else model
-    off: Callable[[], AbstractContextManager] = nullcontext if is_model else base
+    base_model, off = base_of(model, base)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [_encoded(tokenizer, template, a, max_length) for a in answered]
     was_training = (model.training, base_model.training)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneforge.data.templates import Template
 from tuneforge.evaluate import questions as Q
-from tuneforge.evaluate.forgetting import Answered, measure_forgetting
+from tuneforge.evaluate.forgetting import Answered, base_of, measure_forgetting
 from tuneforge.models.generate import Sampling, generate_batch
 
 COMPARE = [Q.GENERAL_ZH[0], Q.GENERAL_EN[0], Q.GENERAL_EN[2]]
@@ -58,11 +57,10 @@ def _against_base(model: Any, tokenizer: Any, template: Template, base: Any, set
                   max_new_tokens: int, result: dict[str, Any]) -> None:
     """The base model answers the general questions; the tuned model is scored on those answers
     (forgetting, per language) and a few are shown next to the tuned model's."""
-    is_model = hasattr(base, "generate")  # else: a factory of "adapter off" contexts
+    base_model, off = base_of(model, base)
     general = [q for _, gen, _ in sets.values() for q in gen]
-    with nullcontext() if is_model else base():
-        before, finished = _ask(base if is_model else model, tokenizer, template, general, max_new_tokens,
-                                with_finished=True)
+    with off():
+        before, finished = _ask(base_model, tokenizer, template, general, max_new_tokens, with_finished=True)
     by_question = {q: Answered(q, b, f) for q, b, f in zip(general, before, finished, strict=True)}
     for lang, (_, gen, _) in sets.items():
         result[lang]["forgetting"] = asdict(measure_forgetting(model, base, tokenizer, template,
