@@ -101,6 +101,14 @@ class Config(BaseModel):
     beta: float | None = None  # None: 0.1 for dpo, 2.0 for simpo (not for sft or orpo)
     simpo_gamma: float | None = None  # SimPO's target reward margin; None: 0.5
     orpo_lambda: float | None = None  # ORPO's weight of the odds-ratio term; None: 0.1
+    # The identity job as pairs (docs/preference.md#the-identity-job): data_files hold identity
+    # conversations, as for SFT, and the run makes the pairs itself from them, the base model's own
+    # answers and the shipped general prompts (work_dir/pairs.jsonl).
+    identity_pairs: bool = False
+    # With identity_pairs: the first sft_steps of max_steps are SFT on data_files (with replay, as
+    # the SFT preset trains), the rest the preference objective from those weights.
+    sft_steps: int | None = Field(None, gt=0)
+    sft_lr: float | None = Field(None, gt=0)  # the SFT stage's learning rate (None: lr)
 
     # PART 1: data
     data_files: str | list[str | DataSource]
@@ -238,11 +246,32 @@ class Config(BaseModel):
         for key in ("beta", "orpo_lambda"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0 (got {getattr(self, key)}); try 0.1")
-        if self.objective != "sft" and self.data_format != "auto":
+        if self.objective != "sft" and self.data_format != "auto" and not self.identity_pairs:
             raise ValueError(f"data_format={self.data_format!r}: preference pairs are detected by their keys "
                              "(docs/preference.md lists the formats); remove data_format")
         if self.simpo_gamma is not None and self.simpo_gamma < 0:
             raise ValueError(f"simpo_gamma must be >= 0 (got {self.simpo_gamma}); try 0.5")
+        return self._stages()
+
+    def _stages(self) -> Config:
+        if self.identity_pairs and self.objective == "sft":
+            raise ValueError("identity_pairs makes preference pairs, and objective is 'sft'; "
+                             "set objective='orpo' (or 'dpo', 'simpo')")
+        if self.sft_steps is None:
+            if self.sft_lr is not None:
+                raise ValueError("sft_lr is the SFT stage's learning rate and there is no SFT stage; "
+                                 "set sft_steps or remove sft_lr")
+            return self
+        if not self.identity_pairs:
+            raise ValueError("sft_steps trains SFT on data_files' conversations first, so it needs "
+                             "identity_pairs=True (the pairs are then made from the same file)")
+        if self.objective == "dpo":  # measured: identity 3% / 47% (docs/preference.md#the-identity-job)
+            raise ValueError("sft_steps with objective='dpo': DPO's reference is the model with its adapters "
+                             "off, the model before the SFT stage, and pulls the identity back out; "
+                             "use objective='orpo'")
+        if self.max_steps is None or self.sft_steps >= self.max_steps:
+            raise ValueError(f"sft_steps={self.sft_steps} counts within max_steps (now {self.max_steps}); "
+                             "set max_steps above it: the steps after sft_steps train the preference objective")
         return self
 
     @property

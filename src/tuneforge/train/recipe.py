@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,12 @@ from tuneforge import compat, fast
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.data.batching import collate, micro_batches, model_inputs, padded_tokens
 from tuneforge.data.dataset import build_pair_rows, build_rows
+from tuneforge.data.identity_pairs import config_samples, last_questions, pairs_file
 from tuneforge.data.replay import (
     answer_prompts,
     missing,
     prompts_for,
+    read_answers,
     replay_path,
     replay_prompts,
     training_file,
@@ -48,7 +51,7 @@ from tuneforge.models.generate import unquantized_on_cpu
 from tuneforge.models.load import load_model, load_tokenizer, pick_device, training_dtypes
 from tuneforge.models.lora import apply_lora, initial_adapter, trainable_parameters
 from tuneforge.models.resolve import resolve_model
-from tuneforge.train import checks, parallel, trackers, zero
+from tuneforge.train import checks, parallel, stages, trackers, zero
 from tuneforge.train.checkpoint import (
     Checkpoint,
     find_resume,
@@ -114,6 +117,8 @@ class Recipe:
         else:
             self.rows, self.stats = rows, None
         self.ckpt = self._work_dir()  # and the checkpoint to resume from, if any
+        # the SFT stage's last checkpoint starts the preference stage: its weights, not its optimizer
+        self.stage_start = self.ckpt is not None and self.ckpt.config.get("objective", "sft") != cfg.objective
         # the device and dtypes decide the engine's settings (DeepSpeed's bf16 block)
         self.device = parallel.device(ranks) if ranks.world > 1 else pick_device()
         self.dtype, self.amp = training_dtypes(cfg.dtype, self.device, cfg.method,
@@ -129,9 +134,11 @@ class Recipe:
         self.steps = checks.total_steps(len(self.rows), cfg, ranks.world)
         checks.check_room(self.work_dir, list(self.named.values()), cfg, self.steps, ranks)
         self.optimizer = build_optimizer(self.named, cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.steps, cfg.warmup_ratio)
+        # a preference stage after sft_steps of SFT schedules its own steps only
+        self.scheduler = build_scheduler(self.optimizer, self.steps - (cfg.sft_steps or 0), cfg.warmup_ratio)
         self.engine.prepare(self.optimizer, list(self.named.values()))
-        self.start = self.resume(self.ckpt) if self.ckpt is not None else 0
+        self.start = 0 if self.ckpt is None else self._stage_from(self.ckpt) if self.stage_start \
+            else self.resume(self.ckpt)
         self._hooks()
         self.model.train()
 
@@ -152,14 +159,24 @@ class Recipe:
             return None
         return ds
 
-    def _build_rows(self, extra: list[DataSource] | None = None) -> None:
+    def _build_rows(self, extra: list[DataSource] | None = None, pairs: Path | None = None) -> None:
+        """The rows to train on. EXTRA: replay's sources beside data_files; PAIRS: the pairs file
+        that identity_pairs made, instead of data_files (which are then conversations, built
+        here first only to surface their errors before the model loads)."""
+        cfg = self.cfg
+        if pairs is not None:
+            cfg = cfg.model_copy(update={"data_files": [DataSource(path=str(pairs))], "identity_pairs": False,
+                                         "data_format": "auto"})
+        elif cfg.identity_pairs:
+            cfg = cfg.model_copy(update={"objective": "sft"})
         if not self.ranks.main:
             parallel.barrier(self.ranks)  # rank 0 encodes and caches the data; the others then read it
-        build = build_pair_rows if self.cfg.preference else build_rows
-        self.rows, self.stats = build(self.cfg, self.tokenizer, self.template, **({"extra": extra} if extra else {}))
+        build = build_pair_rows if cfg.preference else build_rows
+        self.rows, self.stats = build(cfg, self.tokenizer, self.template, **({"extra": extra} if extra else {}))
         if self.ranks.main:
             parallel.barrier(self.ranks)
-        self.say(f"data{' with replay' if extra else ''}: {self.stats.summary()}")
+        what = " with replay" if extra else " (identity pairs)" if pairs else ""
+        self.say(f"data{what}: {self.stats.summary()}")
         if self.stats.bad_lines and not extra:
             self.say(f"warning: skipped {self.stats.bad_lines} bad line(s) (skip_bad_lines); "
                      "`tuneforge check-dataset CONFIG` lists them")
@@ -214,6 +231,8 @@ class Recipe:
             self._build_rows()
         if cfg.replay_general and not given_rows and not cfg.preference:  # replay records are not pairs
             self._mix_replay(model)
+        if cfg.identity_pairs and not given_rows:  # made with the base model, before the adapters
+            self._make_pairs(model)
         if not given_rows:  # a full fine-tune's reference, before the checkpoint's weights go in
             self.objective.prepare(model, self.rows, ReferenceRun(
                 self.work_dir, self.device, self.amp, self.tokenizer.pad_token_id, self.ranks, self.say,
@@ -266,23 +285,45 @@ class Recipe:
         self._build_rows(extra=[DataSource(path=str(out), repeat=repeat)])
 
     def _answer_replay(self, model: Any, cache: Path, prompts: list[str]) -> None:
-        cfg = self.cfg
         of_all = f"{len(prompts)} of the {len(replay_prompts())}" if len(prompts) < len(replay_prompts()) \
             else f"all {len(prompts)}"
         todo = missing(cache, prompts)
         if not todo:
             self.say(f"replay: base-model answers to {of_all} general prompts from {cache}")
             return
-        t0 = time.time()
+        self._answer_base(model, cache, todo, "replay",
+                          f"{of_all} general prompts (what {self.steps_wanted()} can train on)")
+
+    def _answer_base(self, model: Any, cache: Path, todo: list[str], tag: str, what: str) -> None:
+        """The base model's answers to TODO into CACHE (by rank 0; by the unquantized base where
+        the model is 4-bit on a CPU)."""
+        cfg, t0 = self.cfg, time.time()
         with unquantized_on_cpu(model, self.model_path, cfg.trust_remote_code) as answerer:
             how = " (unquantized: 4-bit is slow on a CPU)" if answerer is not model else ""
-            self.say(f"replay: {of_all} general prompts (what {self.steps_wanted()} can train on); the base "
-                     f"model{how} answers the {len(todo)} not cached yet, up to {cfg.replay_max_new_tokens} "
-                     "tokens each")
+            self.say(f"{tag}: {what}; the base model{how} answers the {len(todo)} not cached yet, up to "
+                     f"{cfg.replay_max_new_tokens} tokens each")
             answer_prompts(answerer, self.tokenizer, self.template, cache, todo, cfg.SYSTEM,
                            cfg.replay_max_new_tokens, say=self.say, progress=self.options.progress)
             del answerer  # the unquantized copy goes before training starts
-        self.say(f"replay: done in {time.time() - t0:.0f}s -> {cache}")
+        self.say(f"{tag}: done in {time.time() - t0:.0f}s -> {cache}")
+
+    def _make_pairs(self, model: Any) -> None:
+        """identity_pairs: the data's conversations as pairs (work_dir/pairs.jsonl), each last
+        answer over the base model's own answer to its question, and each general prompt's base
+        answer over an identity answer; the rows are then these pairs."""
+        cfg, out = self.cfg, self.work_dir / "pairs.jsonl"
+        if self.ranks.main:
+            samples = config_samples(cfg)
+            cache = replay_path(self.model_path, self.template, cfg.SYSTEM, cfg.replay_max_new_tokens)
+            todo = missing(cache, last_questions(samples) + replay_prompts())
+            if todo:
+                self._answer_base(model, cache, todo, "identity pairs",
+                                  "the data's questions and the general prompts")
+            answers = {p: r["answer"] for p, r in read_answers(cache).items()}
+            self.say(f"identity pairs: {pairs_file(out, samples, answers, cfg.seed)} pairs from "
+                     f"{len(samples)} conversations and {len(replay_prompts())} general prompts -> {out}")
+        parallel.barrier(self.ranks)
+        self._build_rows(pairs=out)
 
     def steps_wanted(self) -> str:
         return f"{self.cfg.max_steps} steps" if self.cfg.max_steps else "the whole run"
@@ -475,6 +516,17 @@ class Recipe:
         self.say(f"saved {path}")
         return path
 
+    def _stage_from(self, ckpt: Checkpoint) -> int:
+        """The preference stage from the SFT stage's last checkpoint (its weights went in with the
+        adapters); a fresh optimizer and schedule. Returns the step to go on from."""
+        if ckpt.step != self.cfg.sft_steps:
+            raise UserError(f"the checkpoint at step {ckpt.step} is of objective "
+                            f"'{ckpt.config.get('objective', 'sft')}', and this run is '{self.cfg.objective}'; "
+                            f"a run changes objective only after its sft_steps ({self.cfg.sft_steps}) "
+                            "of SFT: resume from one of its own checkpoints")
+        self.say(f"{self.cfg.objective} from step {ckpt.step} (the end of the SFT stage) to {self.steps}")
+        return ckpt.step
+
     def resume(self, ckpt: Checkpoint) -> int:
         """Optimizer, schedule and random state from CKPT (its weights went in before wrapping,
         while whole); returns the step to go on from. Whatever engine wrote it, the checkpoint
@@ -517,7 +569,13 @@ def train(cfg: Config, work_dir: Path, options: RunOptions | None = None) -> Pat
     """What ``tuneforge train`` runs: join the ranks, set up, train; returns the last checkpoint
     written (None with save_last=False and no save_steps reached)."""
     ranks = parallel.init()
+    options = options or RunOptions()
     try:
+        if not stages.sft_stage_done(cfg, Path(work_dir), options):  # sft_steps: the SFT stage first
+            first = Recipe(stages.sft_stage(cfg), work_dir, options, ranks)
+            first.setup()
+            options = replace(options, resume=str(first.train()))
+            del first  # its model and optimizer go before the preference stage loads its own
         recipe = Recipe(cfg, work_dir, options, ranks)
         recipe.setup()
         last = recipe.train()
