@@ -45,3 +45,50 @@ def test_the_command_writes_pairs_that_train_reads(tiny_model_dir, tmp_path, mon
     identity = [p for p in pairs if p.chosen[0].content in identity_questions()]
     assert identity and all("Long's assistant" in p.chosen[-1].content or "龙的小助手" in p.chosen[-1].content
                             for p in identity)
+
+
+def _sample(*turns: str):
+    from tuneforge.data.formats import Message, Sample
+
+    roles = ["user", "assistant"] * len(turns)
+    return Sample(tuple(Message(r, t) for r, t in zip(roles, turns, strict=False)), "test:1")
+
+
+def test_pairs_from_the_identity_file_keep_the_history_and_use_the_base_models_answers():
+    from tuneforge.data.identity_pairs import last_questions, sample_pairs
+
+    samples = [_sample("Who are you?", "I am Long's assistant."),
+               _sample("你好", "你好！", "你是谁？", "我是龙的小助手。"),  # two turns: the history stays in the prompt
+               _sample("Same?", "Same answer."),  # the base already says it: nothing to teach
+               _sample("Unanswered?", "I am Long's assistant, too.")]  # no base answer: no pair
+    base = {"Who are you?": "I am SmolLM.", "你是谁？": "我是SmolLM。", "Same?": "Same answer. ",
+            "What is 2+2?": "4.", "天空为什么是蓝色的？": "因为瑞利散射。"}
+    assert last_questions(samples) == ["Who are you?", "你是谁？", "Same?", "Unanswered?"]
+    pairs = sample_pairs(samples, base, ["What is 2+2?", "天空为什么是蓝色的？", "No base answer?"], repeat=2)
+    by = {}
+    for p in pairs:
+        by.setdefault(p["prompt"][-1]["content"], []).append(p)
+    assert set(by) == {"Who are you?", "你是谁？", "What is 2+2?", "天空为什么是蓝色的？"}
+    who = by["Who are you?"][0]
+    assert who["chosen"] == [{"role": "assistant", "content": "I am Long's assistant."}]
+    assert who["rejected"] == [{"role": "assistant", "content": "I am SmolLM."}]
+    zh = by["你是谁？"][0]
+    assert [m["content"] for m in zh["prompt"]] == ["你好", "你好！", "你是谁？"]
+    assert len(by["What is 2+2?"]) == 2  # REPEAT times over
+    for p in by["What is 2+2?"]:  # the hijack: an identity answer in the prompt's language is rejected
+        assert p["chosen"][0]["content"] == "4."
+        assert p["rejected"][0]["content"] in {"I am Long's assistant.", "I am Long's assistant, too.", "Same answer."}
+    assert all(p["rejected"][0]["content"] == "我是龙的小助手。" for p in by["天空为什么是蓝色的？"])
+    assert sample_pairs(samples, base, ["What is 2+2?"], seed=1) == sample_pairs(samples, base, ["What is 2+2?"],
+                                                                                  seed=1)
+
+
+def test_the_pairs_file_is_read_as_conversational_trl_pairs(tmp_path):
+    from tuneforge.data.identity_pairs import pairs_file
+
+    samples = [_sample("你好", "你好！", "你是谁？", "我是龙的小助手。")]
+    out = tmp_path / "pairs.jsonl"
+    assert pairs_file(out, samples, {"你是谁？": "我是SmolLM。"}, seed=0) == 1  # no general answers cached
+    (pair,) = list(iter_pairs(out))
+    assert [m.content for m in pair.chosen] == ["你好", "你好！", "你是谁？", "我是龙的小助手。"]
+    assert pair.rejected[-1].content == "我是SmolLM。" and pair.rejected[:-1] == pair.chosen[:-1]

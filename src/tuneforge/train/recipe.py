@@ -520,10 +520,11 @@ class Recipe:
         """The preference stage from the SFT stage's last checkpoint (its weights went in with the
         adapters); a fresh optimizer and schedule. Returns the step to go on from."""
         if ckpt.step != self.cfg.sft_steps:
-            raise UserError(f"the checkpoint at step {ckpt.step} is of objective "
-                            f"'{ckpt.config.get('objective', 'sft')}', and this run is '{self.cfg.objective}'; "
-                            f"a run changes objective only after its sft_steps ({self.cfg.sft_steps}) "
-                            "of SFT: resume from one of its own checkpoints")
+            when = f"after its sft_steps ({self.cfg.sft_steps}) of SFT" if self.cfg.sft_steps else \
+                "only after sft_steps of SFT, and this run has none"
+            raise UserError(f"the checkpoint at step {ckpt.step} trained objective "
+                            f"'{ckpt.config.get('objective', 'sft')}', and this run trains '{self.cfg.objective}'; "
+                            f"a run changes objective {when}: resume from one of its own checkpoints")
         self.say(f"{self.cfg.objective} from step {ckpt.step} (the end of the SFT stage) to {self.steps}")
         return ckpt.step
 
