@@ -185,36 +185,51 @@ def cmd_replace(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_identity(args: argparse.Namespace) -> None:
+    from tuneforge.evaluate.identity import format_report, format_side_by_side, save_json
+
+    paths = args.model_name_or_path
+    if args.adapter and len(paths) > 1:
+        raise UserError(f"eval identity: --adapter goes with one model, and {len(paths)} are given; merge the "
+                        "adapters (`tuneforge convert merge`) and pass the merged folders")
+    results = {}
+    for path in paths:
+        if len(paths) > 1:
+            print(f"[tuneforge] eval identity: {path} ({len(results) + 1} of {len(paths)})", flush=True)
+        results[path] = _eval_identity_of(path, args)
+    if len(paths) == 1:
+        print(format_report(results[paths[0]], args.name, args.name_en))
+    else:
+        print(format_side_by_side(results, args.name, args.name_en))
+    if args.json:
+        save_json(results[paths[0]] if len(paths) == 1 else results, args.json)
+
+
+def _eval_identity_of(path: str, args: argparse.Namespace) -> dict:
+    """One model's identity report; its weights (and its base's) are freed before the next model loads."""
     from tuneforge.chat.cli import load_for_chat
     from tuneforge.data.templates import template_for
-    from tuneforge.evaluate.identity import evaluate_identity, format_report, save_json
+    from tuneforge.evaluate.identity import evaluate_identity
 
-    model, tokenizer, template_dir = load_for_chat(args.model_name_or_path, args.adapter,
-                                                   trust_remote_code=args.trust_remote_code)
+    model, tokenizer, template_dir = load_for_chat(path, args.adapter, trust_remote_code=args.trust_remote_code)
     template = template_for(template_dir, tokenizer, args.prompt_template)
-    base = None
-    if not args.no_compare:
-        base = _base_for_compare(model, args)
-    result = evaluate_identity(model, tokenizer, template, args.name, args.name_en,
-                               max_new_tokens=args.max_new_tokens, base=base)
-    print(format_report(result, args.name, args.name_en))
-    if args.json:
-        save_json(result, args.json)
+    base = None if args.no_compare else _base_for_compare(model, path, args)
+    return evaluate_identity(model, tokenizer, template, args.name, args.name_en,
+                             max_new_tokens=args.max_new_tokens, base=base)
 
 
-def _base_for_compare(model, args):  # noqa: ANN001, ANN202
+def _base_for_compare(model, path: str, args):  # noqa: ANN001, ANN202
     """The untuned model: the adapter switched off, or the base a merged folder records."""
     import json
 
     if args.adapter:
         return model.disable_adapter
-    merge_info = Path(args.model_name_or_path) / "tuneforge_merge.json"
+    merge_info = Path(path) / "tuneforge_merge.json"
     if merge_info.is_file():
         from tuneforge.models.load import load_model, remote_code_allowed
         from tuneforge.models.resolve import resolve_model
 
         base = resolve_model(json.loads(merge_info.read_text())["base"])
-        trust = remote_code_allowed(args.trust_remote_code, args.model_name_or_path)
+        trust = remote_code_allowed(args.trust_remote_code, path)
         return load_model(base, model.device, "auto", trust_remote_code=trust)
     return None
 
@@ -402,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="identity").add_subparsers(
         dest="eval_command", required=True, metavar="SUBCOMMAND")
     s = ev.add_parser("identity", help="identity rate on held-out questions, hijack rate on general ones")
-    s.add_argument("model_name_or_path")
+    s.add_argument("model_name_or_path", nargs="+",
+                   help="a model (merged folder, Hub name, or base with --adapter); several: one table side by side")
     s.add_argument("--adapter")
     s.add_argument("--name", required=True, help="as given to `data self-cognition`")
     s.add_argument("--name-en")

@@ -114,3 +114,40 @@ def test_an_untrained_model_names_no_identity(tiny_model_dir, tokenizer):
     for lang in ("zh", "en"):  # the model against itself: nothing moved
         f = result[lang]["forgetting"]
         assert f["kl"] == 0 and f["top1_agreement"] == 1 and f["tokens"] > 40, f
+
+
+def test_several_models_come_out_as_one_table_and_one_json(tiny_model_dir, tmp_path):
+    """`eval identity A B`: each model evaluated on its own, one row per model and language, the JSON
+    keyed by model; --adapter with several models is one line."""
+    import json
+    import shutil
+
+    from waits import tuneforge
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    out = tmp_path / "both.json"
+    proc = tuneforge("eval", "identity", str(tiny_model_dir), str(other), "--name", "龙", "--name-en", "Long",
+                     "--max-new-tokens", "2", "--json", str(out), seconds=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert list(result) == [str(tiny_model_dir), str(other)]
+    for path in result:
+        for lang in ("zh", "en"):
+            assert f"| {path} | {lang} | 0% ({len(Q.IDENTITY_ZH if lang == 'zh' else Q.IDENTITY_EN)}) |" in proc.stdout
+    proc = tuneforge("eval", "identity", str(tiny_model_dir), str(other), "--adapter", str(other), "--name", "龙",
+                     seconds=120)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "convert merge" in proc.stderr
+
+
+def test_the_side_by_side_table_shows_each_models_own_figures():
+    def result(identity: float, hijack: float, kl: float) -> dict:
+        lang = {"identity_rate": identity, "hijack_rate": hijack, "identity_n": 30, "general_n": 40,
+                "forgetting": {"kl": kl, "top1_agreement": 0.8, "tokens": 1900}}
+        return {"zh": lang, "en": lang}
+
+    from tuneforge.evaluate.identity import format_side_by_side
+
+    table = format_side_by_side({"sft": result(1.0, 0.08, 0.314), "orpo": result(0.6, 0.0, 0.351)}, "龙", "Long")
+    assert "| sft | zh | 100% (30) | 8% (40) | 0.314 nats/token | 80.0% (1900 tokens) |" in table
+    assert "| orpo | en | 60% (30) | 0% (40) | 0.351 nats/token |" in table

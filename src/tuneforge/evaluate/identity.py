@@ -113,5 +113,24 @@ def format_report(result: dict[str, Any], name: str, name_en: str | None) -> str
     return "\n".join(lines)
 
 
+def format_side_by_side(results: dict[str, dict[str, Any]], name: str, name_en: str | None) -> str:
+    """Several models' reports as one table (one row per model and language), e.g. two recipes."""
+    forgetting = all("forgetting" in r["zh"] for r in results.values())
+    lines = [f"identity: {name}" + (f" / {name_en}" if name_en and name_en != name else ""), "",
+             "| model | language | identity named (held-out) | general questions hijacked |"
+             + (" KL from base (general) | top-1 agreement |" if forgetting else ""),
+             "|---|---|---|---|" + ("---|---|" if forgetting else "")]
+    for label, result in results.items():
+        for lang in ("zh", "en"):
+            r = result[lang]
+            row = (f"| {label} | {lang} | {r['identity_rate']:.0%} ({r['identity_n']}) "
+                   f"| {r['hijack_rate']:.0%} ({r['general_n']}) |")
+            if forgetting:
+                f = r["forgetting"]
+                row += f" {f['kl']:.3f} nats/token | {f['top1_agreement']:.1%} ({f['tokens']} tokens) |"
+            lines.append(row)
+    return "\n".join(lines)
+
+
 def save_json(result: dict[str, Any], path: str | Path) -> None:
     Path(path).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
