@@ -19,14 +19,15 @@ def run(*args: str, cwd: Path, seconds: float = 600) -> str:
     return proc.stdout
 
 
-def assistant_pipeline(root: Path) -> Path:
-    """Identity data, copy-cfg, train (ZeRO-2), pth_to_hf and merge in ROOT, as the README lists them;
-    returns ROOT, which then holds work_dirs/assistTuner, hf/ and merged/."""
+def assistant_pipeline(root: Path, cfg: str = CFG, checkpoint: str = "iter_60.pth") -> Path:
+    """Identity data, copy-cfg, train (ZeRO-2), pth_to_hf and merge in ROOT, as the README lists them
+    for the preset CFG, whose last checkpoint is CHECKPOINT; returns ROOT, which then holds
+    work_dirs/assistTuner, hf/ and merged/."""
     run("data", "self-cognition", "--name", "龙", "--name-en", "Long", "-o", "./data/assistant.jsonl", cwd=root)
-    run("copy-cfg", CFG, "./", cwd=root)
+    run("copy-cfg", cfg, "./", cwd=root)
     # README: <= 5 min for the whole pipeline on 2 cores; a loaded machine took over 900 s to train
-    run("train", f"./{CFG}_copy.py", "--deepspeed", "deepspeed_zero2", "--work-dir", "./work_dirs/assistTuner",
+    run("train", f"./{cfg}_copy.py", "--deepspeed", "deepspeed_zero2", "--work-dir", "./work_dirs/assistTuner",
         cwd=root, seconds=1800)
-    run("convert", "pth_to_hf", f"./{CFG}_copy.py", "./work_dirs/assistTuner/iter_60.pth", "./hf", cwd=root)
+    run("convert", "pth_to_hf", f"./{cfg}_copy.py", f"./work_dirs/assistTuner/{checkpoint}", "./hf", cwd=root)
     run("convert", "merge", BASE, "./hf", "./merged", "--max-shard-size", "2GB", cwd=root)
     return root

@@ -15,8 +15,8 @@
 pretrained_model_name_or_path = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 method = 'lora'
 
-# Objective: 60 steps of SFT (with replay, as the SFT preset), then 30 of ORPO from those weights; the pairs go to
-# work_dir/pairs.jsonl
+# Objective: 60 steps of SFT (with replay, as the SFT preset; its checkpoint is iter_60.pth), then 60 of ORPO from
+# those weights (iter_120.pth); the pairs go to work_dir/pairs.jsonl
 objective = 'orpo'
 orpo_lambda = 2.0
 identity_pairs = True
@@ -45,7 +45,7 @@ replay_repeat = 2
 batch_size = 1  # per device
 accumulative_counts = 1
 max_epochs = 1
-max_steps = 90  # the last checkpoint: iter_90.pth
+max_steps = 120  # the last checkpoint: iter_120.pth (iter_60.pth: the SFT stage's)
 optim_type = 'AdamW'
 lr = 2e-4  # the ORPO stage's; sft_lr is the SFT stage's
 betas = (0.9, 0.999)
@@ -54,11 +54,11 @@ max_norm = 1  # grad clip
 warmup_ratio = 0.05
 
 # Save
-save_steps = 30
+save_steps = 60
 save_total_limit = 2  # Maximum checkpoints to keep (-1 means unlimited)
 
 # Evaluate the generation performance during the training
-evaluation_freq = 30
+evaluation_freq = 60
 evaluation_max_new_tokens = 48
 SYSTEM = ''
 evaluation_inputs = [
