@@ -261,3 +261,43 @@ def test_the_chunked_head_trains_a_lora_on_the_head_like_peft(tiny_model_dir, to
     if dropout:
         model.train()
         assert not torch.allclose(run(lambda: loss_sum(model, batch, fast))[0], chunked[0])
+
+
+def test_offloading_inputs_comes_before_recomputing_more_layers():
+    """With CPU memory to hold them, the recomputed layers' inputs go there as soon as that lets
+    one fewer layer be recomputed; without it (host_bytes 0), never before every layer is."""
+    mib = 1 << 20
+    args = dict(n_layers=10, saved_per_token_layer=1000, hidden_size=100, tokens=1000, fixed_bytes=100 * mib)
+    budget = 100 * mib + 2_800_000  # on the GPU: 9 layers recomputed, their inputs there (the test above)
+    assert recompute.plan(**args, budget_bytes=budget).recomputed == 9
+    offloaded = recompute.plan(**args, budget_bytes=budget, host_bytes=10 * mib)
+    # 8 recomputed: the 2 kept layers' tensors (2 MB) at the head, nothing else on the GPU
+    assert offloaded.recomputed == 8 and offloaded.offload
+    assert offloaded.need_gib * (1 << 30) == 100 * mib + 2_000_000
+    # too little CPU memory for 8 inputs (1.6 MB): as without
+    assert not recompute.plan(**args, budget_bytes=budget, host_bytes=1_000_000).offload
+    # where the inputs fit on the GPU, they stay there
+    assert not recompute.plan(**args, budget_bytes=200 * mib, host_bytes=10 * mib).offload
+
+
+def test_a_forward_without_backward_leaves_no_offloaded_graph_alive(tiny_model_dir):
+    """The chain the offloaded layers share holds weak references: a forward no backward follows
+    leaves nothing alive."""
+    import gc
+    import weakref
+
+    from tuneforge.models.load import load_model
+
+    model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    layers = recompute.decoder_layers(model)
+    recompute.apply(layers, len(layers), offload=True)
+    chain = layers[0]._gradient_checkpointing_func.__closure__[0].cell_contents
+    loss = model(input_ids=torch.randint(0, 100, (1, 16))).logits.sum()
+    assert len(chain.saved) == len(layers)
+    node = weakref.ref(next(iter(chain.saved.values()))())
+    del loss
+    gc.collect()
+    assert node() is None

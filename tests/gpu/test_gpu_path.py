@@ -113,6 +113,36 @@ def test_the_memory_plan_predicts_the_peak_within_10_percent(gpu_model_dir, tmp_
     assert peak <= budget, f"over the {budget:.2f} GiB budget: {peak:.2f} GiB"
 
 
+def test_offloaded_inputs_train_like_recomputed_ones_on_the_gpu(gpu_model_dir, tmp_path):
+    """Every layer recomputed, its input kept on the GPU or sent to pinned CPU memory and copied
+    back on the side stream ahead of its backward (compiled layers): the same losses, and the
+    offloaded run holds less on the GPU between forward and backward."""
+    from tuneforge.fast import recompute
+
+    rows = packed_rows(2, 4096, alphabet=64) * 3
+
+    def run(offload: bool):
+        gc.collect()
+        torch.cuda.empty_cache()
+        recipe = set_up(gpu_model_dir, tmp_path / str(offload), rows, gradient_checkpointing=True)
+        layers = recompute.decoder_layers(recipe.model)
+        recompute.apply(layers, len(layers), offload=offload)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = losses(recipe, 6)
+        peak = torch.cuda.max_memory_allocated() - before
+        del recipe
+        return out, peak
+
+    (got, got_peak), (want, want_peak) = run(True), run(False)
+    tol = 4 * BF16_STEP * abs(want[0])
+    worst = max(abs(g - w) for g, w in zip(got, want, strict=True))
+    assert worst <= tol, f"offloaded {got} on the GPU {want}: differ by {worst:.4f} > {tol:.4f}"
+    assert want[0] - want[-1] > 5 * tol, f"the run does not move the loss beyond the tolerance: {want}"
+    assert got_peak < want_peak, f"offloaded +{got_peak / 2**20:.0f} MiB, on the GPU +{want_peak / 2**20:.0f} MiB"
+
+
 def test_adamw8bit_trains_with_8_bit_moments(gpu_model_dir, tmp_path):
     rows = packed_rows(2, 512, seed=3, alphabet=64) * 5  # the same two rows again: the loss must fall
     eight = set_up(gpu_model_dir, tmp_path / "8", rows, optim_type="AdamW8bit", lr=5e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,15 @@ def gathered_bytes(layer: torch.nn.Module, amp: torch.dtype | None) -> int:
     return 2 * sum(p.numel() * (amp.itemsize if amp is not None else p.element_size()) for p in layer.parameters())
 
 
+def host_memory() -> int:
+    """CPU memory available now, in bytes (0 where the system does not say): what offloaded layer
+    inputs may take half of."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def plan_recompute(model: Any, tokens: int, budget_gib: float | None, amp: torch.dtype | None,
                    later_bytes: int, weight_share: float = 1.0) -> recompute.Plan:
     """Pick how many layers to recompute so that TOKENS-token micro-batches fit in BUDGET_GIB
@@ -141,6 +151,6 @@ def plan_recompute(model: Any, tokens: int, budget_gib: float | None, amp: torch
     # allocator's fragmentation
     fixed = int(weights + later_bytes + (256 << 20))
     chosen = recompute.plan(len(layers), per_token, hidden, tokens, fixed, budget, margin_bytes=int(0.03 * budget),
-                            head_bytes=head)
+                            head_bytes=head, host_bytes=host_memory() // 2)
     recompute.apply(layers, chosen.recomputed, chosen.offload)
     return chosen

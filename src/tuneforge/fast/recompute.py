@@ -9,6 +9,7 @@ functions in use.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -107,25 +108,30 @@ def bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
 
 
 def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: int,
-         fixed_bytes: int, budget_bytes: int, margin_bytes: int = 0, head_bytes: int = 0) -> Plan:
-    """The fewest recomputed layers whose estimated peak, plus MARGIN_BYTES, fits BUDGET_BYTES;
-    if even recomputing every layer does not fit, their inputs go to CPU memory as well. The
-    plan's ``need_gib`` is the estimate itself, without the margin, so that it can be checked
-    against the peak measured.
+         fixed_bytes: int, budget_bytes: int, margin_bytes: int = 0, head_bytes: int = 0,
+         host_bytes: int = 0) -> Plan:
+    """The fewest recomputed layers whose estimated peak, plus MARGIN_BYTES, fits BUDGET_BYTES.
+    Keeping the recomputed layers' inputs in CPU memory (offload) lets fewer layers be recomputed;
+    its copies run on a side stream behind the compute (``OffloadedCheckpoint``), so a layer
+    offloaded costs next to nothing where a layer recomputed costs a second forward: at each count
+    the inputs stay on the GPU if they fit, else they are offloaded, if HOST_BYTES (the CPU memory
+    the run may pin) holds them. The plan's ``need_gib`` is the estimate itself, without the
+    margin, so that it can be checked against the peak measured.
 
     FIXED_BYTES: what is allocated whatever the plan (weights, adapter, optimizer state).
     A recomputed layer keeps its input (``2 * hidden`` bytes a token), a kept one every tensor
     its backward needs. The peak is the larger of two moments: the head's backward, which comes
     first, with every layer's saved tensors and HEAD_BYTES (a chunk of logits) on top; and the
     backward of a recomputed layer, which holds one whole layer's tensors, by when the kept
-    layers (the last ones, whose backward runs first) have freed theirs and the head is done.
+    layers (the last ones, whose backward runs first) have freed theirs and the head is done;
+    offloaded, it also holds the next layer's input, copied back ahead of its backward.
     """
     keep_all = saved_per_token_layer * tokens
     ckpt = 2 * hidden_size * tokens
 
     def need(recomputed: int, offload: bool = False) -> int:
-        inputs = 0 if offload else recomputed * ckpt
-        at_head = (n_layers - recomputed) * keep_all + inputs + head_bytes
+        inputs = 2 * ckpt if offload else recomputed * ckpt  # offloaded: its own and the next one's
+        at_head = (n_layers - recomputed) * keep_all + (0 if offload else inputs) + head_bytes
         in_recomputed = inputs + keep_all if recomputed else 0
         return fixed_bytes + max(at_head, in_recomputed)
 
@@ -136,27 +142,78 @@ def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: in
     for recomputed in range(0, n_layers + 1):
         if need(recomputed) + margin_bytes <= budget_bytes:
             return made(recomputed)
+        if recomputed and recomputed * ckpt <= host_bytes and need(recomputed, True) + margin_bytes <= budget_bytes:
+            return made(recomputed, offload=True)
     return made(n_layers, offload=True)
+
+
+class OffloadChain:
+    """The inputs that one forward pass sent to CPU memory, by layer; the backward of layer i
+    starts copying back layer i - 1's (whose backward runs next) on the side stream, so that the
+    copy overlaps layer i's recomputation and backward."""
+
+    def __init__(self) -> None:
+        self.stream: torch.cuda.Stream | None = None
+        self.saved: dict[int, weakref.ref] = {}  # weak: a forward no backward follows frees its graph
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def fetch(self, ctx: Any) -> torch.Tensor:
+        """CTX's input on the GPU, ready for the compute stream."""
+        self.saved.pop(ctx.layer, None)
+        if ctx.device.type != "cuda":  # a CPU run: the saved input is the input
+            return ctx.cpu.detach()
+        if ctx.gpu is None:
+            self.copy_back(ctx)
+        compute = torch.cuda.current_stream(ctx.device)
+        compute.wait_event(ctx.ready)
+        x, ctx.gpu = ctx.gpu, None
+        x.record_stream(compute)  # allocated on the side stream, used on this one
+        ref = self.saved.get(ctx.layer - 1)
+        previous = ref() if ref is not None else None
+        if previous is not None and previous.gpu is None:
+            self.copy_back(previous)
+        return x
+
+    def copy_back(self, ctx: Any) -> None:
+        stream = self.side_stream(ctx.device)
+        stream.wait_stream(torch.cuda.current_stream(ctx.device))
+        with torch.cuda.stream(stream):
+            ctx.gpu = ctx.cpu.to(ctx.device, non_blocking=True)
+            ctx.ready = torch.cuda.Event()
+            ctx.ready.record(stream)
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
     """Gradient checkpointing whose saved input waits in pinned CPU memory (reentrant style:
-    backward copies it back, reruns the layer with autograd on, and backpropagates through it)."""
+    backward copies it back, reruns the layer with autograd on, and backpropagates through it).
+    Both copies run on CHAIN's side stream, the one out behind the layer's forward, the one back
+    ahead of the layer's backward."""
 
     @staticmethod
-    def forward(ctx: Any, run: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.run = run
-        ctx.device = x.device
+    def forward(ctx: Any, run: Any, chain: OffloadChain, layer: int, x: torch.Tensor) -> torch.Tensor:
+        ctx.run, ctx.chain, ctx.layer, ctx.device, ctx.gpu = run, chain, layer, x.device, None
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        ctx.cpu = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-        ctx.cpu.copy_(x, non_blocking=True)
+        if x.is_cuda:
+            stream = chain.side_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                ctx.cpu = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                ctx.cpu.copy_(x, non_blocking=True)
+            x.record_stream(stream)  # not reused by the compute stream before the copy is done
+        else:
+            ctx.cpu = x.detach().clone()
+        chain.saved[layer] = weakref.ref(ctx)
         with torch.no_grad():
             return run(x)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[None, torch.Tensor]:
-        x = ctx.cpu.to(ctx.device, non_blocking=True).requires_grad_(True)
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[None, None, None, torch.Tensor]:
+        x = ctx.chain.fetch(ctx).requires_grad_(True)
         cpu_rng, gpu_rng = torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if x.is_cuda else None
         torch.set_rng_state(ctx.rng[0])
         if ctx.rng[1] is not None:
@@ -170,19 +227,26 @@ class OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(cpu_rng)
             if gpu_rng is not None:
                 torch.cuda.set_rng_state(gpu_rng, ctx.device)
-        return None, x.grad
+        ctx.cpu = None
+        return None, None, None, x.grad
 
 
-def offloaded_checkpoint(run: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
-    if args:  # transformers passes everything but the hidden states by keyword; be safe
-        return torch.utils.checkpoint.checkpoint(run, x, *args, use_reentrant=False)
-    return OffloadedCheckpoint.apply(run, x)
+def offloaded(chain: OffloadChain, layer: int) -> Callable[..., torch.Tensor]:
+    """The checkpoint function of decoder layer LAYER, its input offloaded through CHAIN."""
+    def checkpoint(run: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        if args:  # transformers passes everything but the hidden states by keyword; be safe
+            return torch.utils.checkpoint.checkpoint(run, x, *args, use_reentrant=False)
+        if not torch.is_grad_enabled():  # e.g. a reference forward: no backward will ask for it
+            return run(x)
+        return OffloadedCheckpoint.apply(run, chain, layer, x)
+    return checkpoint
 
 
 def apply(layers: list[torch.nn.Module], recomputed: int, offload: bool = False) -> None:
     """Recompute the first RECOMPUTED layers; the last ones, whose backward runs first, keep
     their tensors. Gradient checkpointing must already be enabled on the model."""
+    chain = OffloadChain()
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < recomputed
         if offload and i < recomputed:
-            layer._gradient_checkpointing_func = offloaded_checkpoint
+            layer._gradient_checkpointing_func = offloaded(chain, i)
