@@ -11,12 +11,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tuneforge.errors import UserError
-
-if TYPE_CHECKING:
-    from tuneforge.config.schema import Config
 
 
 def _quiet_libraries() -> None:
@@ -243,13 +239,6 @@ def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
-def _sft_only(cfg: Config, command: str) -> None:
-    if cfg.preference:
-        raise UserError(f"{command} shows SFT samples only so far, and this config trains pairs "
-                        f"(objective={cfg.objective!r}); `tuneforge check-dataset` checks every pair line and shows the "
-                        "first pair's two sides (docs/preference.md)")
-
-
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     from tuneforge.config import load_config, parse_cfg_options
     from tuneforge.data.inspect import check_dataset
@@ -268,7 +257,6 @@ def cmd_log_dataset(args: argparse.Namespace) -> None:
     from tuneforge.data.inspect import log_dataset
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
-    _sft_only(cfg, "log-dataset")
     print(log_dataset(cfg, *_tokenizer_and_template(cfg), show=args.show, num=args.num))
 
 

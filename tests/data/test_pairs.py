@@ -219,3 +219,17 @@ def test_check_dataset_reports_pairs_formats_bad_lines_and_both_sides(tmp_path, 
     assert chosen.startswith(f"{path}:1), chosen") and chosen.rstrip().endswith("<|im_start|>assistant\n⟦ blue.<|im_end|>⟧")
     assert rejected.startswith(f"{path}:1), rejected") and rejected.rstrip().endswith("⟦ green.<|im_end|>⟧")
     assert chosen.count("⟦") == rejected.count("⟦") == 2  # the header's and the answer's: the prompt is context
+
+
+def test_log_dataset_shows_each_pairs_two_sides_as_trained(tmp_path, tokenizer, bundled_path):
+    from tuneforge.data.inspect import log_dataset
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [OTHERS["trl"], OTHERS["swift"]])
+    cfg = build_config(dict(pretrained_model_name_or_path=str(bundled_path), data_files=str(path), objective="orpo"))
+    out = log_dataset(cfg, tokenizer, get_template("auto", tokenizer), show="masked_text", num=1)
+    heads = [line for line in out.splitlines() if line.startswith("-----")]
+    assert [h.split(" (")[0] for h in heads] == ["----- pair 0, chosen", "----- pair 0, rejected"], out
+    chosen, rejected = out.split("----- pair 0, rejected")
+    # the prompt masked, the answer and its end-of-turn trained, the newline after it masked
+    assert chosen.rstrip().endswith("masked] blue.<|im_end|>[1 masked]"), out
+    assert rejected.rstrip().endswith("masked] green.<|im_end|>[1 masked]"), out

@@ -167,12 +167,26 @@ def _show(tokenizer: Any, e: Encoded, show: str) -> str:
 
 
 def log_dataset(cfg: Config, tokenizer: Any, template: Template, show: str, num: int) -> str:
+    """The first NUM samples as training sees them (for pairs: each pair's chosen and rejected side)."""
     if show not in SHOW:
         raise UserError(f"--show {show}: expected one of {', '.join(SHOW)}")
-    rows, _ = build_rows(cfg.model_copy(update={"pack_to_max_length": False}), tokenizer, template)
+    unpacked = cfg.model_copy(update={"pack_to_max_length": False})
+    if cfg.preference:
+        return _log_pairs(*build_pair_rows(unpacked, tokenizer, template)[:1], tokenizer, show, num)
+    rows, _ = build_rows(unpacked, tokenizer, template)
     blocks = []
     for k in range(min(num, len(rows.lengths))):
         e = rows.stores[rows.store_of[k]].sample(int(rows.index_of[k]))
         blocks.append(f"----- sample {k} ({len(e.input_ids)} tokens, {e.n_trained} trained)\n"
                       + _show(tokenizer, e, show))
+    return "\n".join(blocks)
+
+
+def _log_pairs(rows: Any, tokenizer: Any, show: str, num: int) -> str:
+    blocks = []
+    for k in range(min(num, rows.pairs())):
+        store, j = rows.stores[rows.store_of[k]], 2 * int(rows.index_of[k])
+        for side, e in (("chosen", store.sample(j)), ("rejected", store.sample(j + 1))):
+            blocks.append(f"----- pair {k}, {side} ({len(e.input_ids)} tokens, {e.n_trained} trained)\n"
+                          + _show(tokenizer, e, show))
     return "\n".join(blocks)
