@@ -509,3 +509,17 @@ def test_no_compile_and_tuneforge_compile_0_turn_compiling_off(tiny_model_dir, i
     cfg = write_config(tmp_path / "tiny.py", tiny_model_dir, identity_data)
     assert cli.main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), *flags]) == 0
     assert [o.compile for o in seen] == [compiles]
+
+
+def test_check_and_log_dataset_read_the_identity_preset_s_conversations_as_sft_data(tmp_path):
+    """The SFT-then-ORPO preset's data_files are conversations it makes pairs from: both commands
+    show them as the SFT samples they are, and say where the pairs come from."""
+    cfg = "smollm2_135m_instruct_lora_assistant_dpo"
+    for args in (["data", "self-cognition", "--name", "龙", "--name-en", "Long", "-o", "./data/assistant.jsonl"],
+                 ["copy-cfg", cfg, "./"]):
+        assert tuneforge(*args, cwd=tmp_path, seconds=120).returncode == 0
+    check = tuneforge("check-dataset", f"./{cfg}_copy.py", cwd=tmp_path, seconds=120)
+    assert check.returncode == 0, check.stderr
+    assert "conversation; samples 645, bad lines 0" in check.stdout and "pairs from them" in check.stdout
+    log = tuneforge("log-dataset", f"./{cfg}_copy.py", "--num", "1", cwd=tmp_path, seconds=120)
+    assert log.returncode == 0 and "----- sample 0" in log.stdout, log.stderr

@@ -11,8 +11,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge.errors import UserError
+
+if TYPE_CHECKING:
+    from tuneforge.config.schema import Config
 
 
 def _quiet_libraries() -> None:
@@ -239,11 +243,24 @@ def _tokenizer_and_template(cfg):  # noqa: ANN001, ANN202
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
+def _as_trained_data(cfg: Config) -> Config:
+    """With identity_pairs, data_files are conversations the run makes its pairs from: inspect them
+    as the SFT records they are."""
+    if not cfg.identity_pairs:
+        return cfg
+    from tuneforge.train.stages import sft_stage
+
+    print("[tuneforge] identity_pairs: these conversations are SFT data; the run makes its preference pairs from "
+          "them when training starts (work_dir/pairs.jsonl; `tuneforge data self-cognition --pairs` writes such "
+          "pairs ahead)")
+    return sft_stage(cfg)
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     from tuneforge.config import load_config, parse_cfg_options
     from tuneforge.data.inspect import check_dataset
 
-    cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    cfg = _as_trained_data(load_config(args.config, parse_cfg_options(args.cfg_options)))
     if args.skip_bad_lines:
         cfg.skip_bad_lines = True
     report, bad = check_dataset(cfg, *_tokenizer_and_template(cfg))
@@ -256,7 +273,7 @@ def cmd_log_dataset(args: argparse.Namespace) -> None:
     from tuneforge.config import load_config, parse_cfg_options
     from tuneforge.data.inspect import log_dataset
 
-    cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    cfg = _as_trained_data(load_config(args.config, parse_cfg_options(args.cfg_options)))
     print(log_dataset(cfg, *_tokenizer_and_template(cfg), show=args.show, num=args.num))
 
 
