@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +51,8 @@ class Row:
     optim: str = "AdamW"
     profile: bool = False
     note: str = ""
+    gpu_inputs: bool = False  # tuneforge: the plan keeps recomputed layers' inputs on the GPU (offloads none
+    #                           unless every layer is recomputed: the policy before 2026-12-03), an A/B of the plan
 
 
 # In order of what the comparison needs most: a run cut short by its deadline still has these.
@@ -66,6 +68,10 @@ ROWS = {
     "liger-lora-full": Row("liger", "lora", "full", note="gradient checkpointing, apply_liger_kernel_to_llama"),
     "tuneforge-lora-full-22gib": Row("tuneforge", "lora", "full", budget_gib=22, note="memory_budget_gib=22"),
     "tuneforge-qlora-full-12gib": Row("tuneforge", "qlora", "full", budget_gib=12, note="memory_budget_gib=12"),
+    "tuneforge-lora-full-22gib-gpu-inputs": Row("tuneforge", "lora", "full", budget_gib=22, gpu_inputs=True,
+                                                note="memory_budget_gib=22, no inputs offloaded"),
+    "tuneforge-qlora-full-12gib-gpu-inputs": Row("tuneforge", "qlora", "full", budget_gib=12, gpu_inputs=True,
+                                                 note="memory_budget_gib=12, no inputs offloaded"),
     "hf-qlora-full": Row("hf", "qlora", "full", note="prepare_model_for_kbit_training"),
     "liger-qlora-full": Row("liger", "qlora", "full", note="prepare_model_for_kbit_training, Liger"),
     "unsloth-lora-mix": Row("unsloth", "lora", "mix", note="padded batches of 4"),
@@ -115,6 +121,10 @@ def tuneforge_step(row: Row, path: Path, lr: float, seq: int, data: list):
     step's samples packed into one row."""
     import bench_train
 
+    if row.gpu_inputs:  # no CPU memory for offloaded inputs, as the plan sees it
+        import tuneforge.fast.path
+
+        tuneforge.fast.path.host_memory = lambda: 0
     run = bench_train.Run("tuneforge", row.mode, row.workload, budget_gib=row.budget_gib, optim=row.optim)
     step = bench_train.tuneforge(run, path, lr, seq, len(data), rows=bench_train.as_rows(data))
 
@@ -363,6 +373,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE, help="results.json, RESULTS.md, log.txt, profiles")
     ap.add_argument("--render", type=Path, default=None,
                     help="a results.json from another machine: write it into benchmarks/ and stop")
+    ap.add_argument("--profile", default="", help="comma-separated rows to profile too (one more step)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--info", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -378,6 +389,8 @@ def main() -> None:
     args.seq = args.seq or (128 if args.tiny else 4096)
     args.model = args.model or model_dir(args.shape)
     args.profile_dir = args.profile_dir or args.out
+    for name in filter(None, args.profile.split(",")):
+        ROWS[name] = replace(ROWS[name], profile=True)
     if args.one or args.info:
         print("RESULT " + json.dumps(make_model(args) if args.info else worker(args.one, args)), flush=True)
         return
@@ -388,7 +401,7 @@ def main() -> None:
         sys.exit(f"unknown row(s) {', '.join(unknown)}; rows are: {', '.join(ROWS)}")
     forwarded = ["--shape", args.shape, "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
                  str(args.warmup), "--lr", str(args.lr), "--model", str(args.model), "--profile-dir",
-                 str(args.profile_dir)]
+                 str(args.profile_dir), "--profile", args.profile]
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = args.out / "log.txt"
     log_file.write_text("")

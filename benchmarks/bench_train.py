@@ -239,7 +239,7 @@ def tuneforge(run: Run, path: Path, lr: float, seq: int, steps: int, rows: list 
         step.last_loss, _, tokens = recipe.step(i)
         return tokens
 
-    step.plan = recipe.fast.describe()
+    step.plan = recipe.fast.describe() + (f"; {recipe.fast.memory.describe()}" if recipe.fast.memory else "")
     return step
 
 
