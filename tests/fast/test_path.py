@@ -263,21 +263,27 @@ def test_the_chunked_head_trains_a_lora_on_the_head_like_peft(tiny_model_dir, to
         assert not torch.allclose(run(lambda: loss_sum(model, batch, fast))[0], chunked[0])
 
 
-def test_offloading_inputs_comes_before_recomputing_more_layers():
-    """With CPU memory to hold them, the recomputed layers' inputs go there as soon as that lets
-    one fewer layer be recomputed; without it (host_bytes 0), never before every layer is."""
+def test_inputs_are_offloaded_where_that_saves_more_recomputation_than_it_costs():
+    """With CPU memory to hold them, the recomputed layers' inputs go there when the layers it
+    saves recomputing outweigh the copies (OFFLOAD_COST of a layer each); without it (host_bytes
+    0), never before every layer is recomputed."""
+    assert recompute.OFFLOAD_COST == 1 / 8  # the figures below assume it
     mib = 1 << 20
     args = dict(n_layers=10, saved_per_token_layer=1000, hidden_size=100, tokens=1000, fixed_bytes=100 * mib)
-    budget = 100 * mib + 2_800_000  # on the GPU: 9 layers recomputed, their inputs there (the test above)
+    # 3 MB above the fixed part: on the GPU 9 layers recomputed (their inputs, 1.8 MB, and the last
+    # layer's tensors); offloaded, 7 (the 3 kept layers' tensors, 3 MB): 7 + 7/8 < 9
+    budget = 100 * mib + 3_000_000
     assert recompute.plan(**args, budget_bytes=budget).recomputed == 9
     offloaded = recompute.plan(**args, budget_bytes=budget, host_bytes=10 * mib)
-    # 8 recomputed: the 2 kept layers' tensors (2 MB) at the head, nothing else on the GPU
-    assert offloaded.recomputed == 8 and offloaded.offload
-    assert offloaded.need_gib * (1 << 30) == 100 * mib + 2_000_000
-    # too little CPU memory for 8 inputs (1.6 MB): as without
+    assert offloaded.recomputed == 7 and offloaded.offload
+    assert offloaded.need_gib * (1 << 30) == 100 * mib + 3_000_000
+    # too little CPU memory for 7 inputs (1.4 MB): as without
     assert not recompute.plan(**args, budget_bytes=budget, host_bytes=1_000_000).offload
-    # where the inputs fit on the GPU, they stay there
-    assert not recompute.plan(**args, budget_bytes=200 * mib, host_bytes=10 * mib).offload
+    # 2.8 MB: 9 on the GPU, or 8 offloaded at the same cost (8 + 1): the inputs stay on the GPU
+    tie = recompute.plan(**args, budget_bytes=100 * mib + 2_800_000, host_bytes=10 * mib)
+    assert tie.recomputed == 9 and not tie.offload
+    # where everything fits, nothing is recomputed or offloaded
+    assert recompute.plan(**args, budget_bytes=200 * mib, host_bytes=10 * mib).recomputed == 0
 
 
 def test_a_forward_without_backward_leaves_no_offloaded_graph_alive(tiny_model_dir):

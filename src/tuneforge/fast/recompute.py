@@ -107,16 +107,23 @@ def bytes_per_token(model: torch.nn.Module, layers: list[torch.nn.Module],
     return max(0, more - fewer) // (tokens - half)
 
 
+# The time an offloaded input costs against a recomputed layer, measured on one H200 (7B shape,
+# 4096-token rows, benchmarks/RESULTS.md run 6): recomputing a layer ~4.0 ms, offloading its input
+# on the side stream ~0.3-0.55 ms (copies that do not quite hide behind the compute).
+OFFLOAD_COST = 1 / 8  # of one recomputed layer
+
+
 def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: int,
          fixed_bytes: int, budget_bytes: int, margin_bytes: int = 0, head_bytes: int = 0,
          host_bytes: int = 0) -> Plan:
-    """The fewest recomputed layers whose estimated peak, plus MARGIN_BYTES, fits BUDGET_BYTES.
-    Keeping the recomputed layers' inputs in CPU memory (offload) lets fewer layers be recomputed;
-    its copies run on a side stream behind the compute (``OffloadedCheckpoint``), so a layer
-    offloaded costs next to nothing where a layer recomputed costs a second forward: at each count
-    the inputs stay on the GPU if they fit, else they are offloaded, if HOST_BYTES (the CPU memory
-    the run may pin) holds them. The plan's ``need_gib`` is the estimate itself, without the
-    margin, so that it can be checked against the peak measured.
+    """The cheapest plan whose estimated peak, plus MARGIN_BYTES, fits BUDGET_BYTES: how many
+    layers to recompute, and whether their inputs wait in CPU memory (offload), which lets fewer
+    layers be recomputed. A recomputed layer costs a second forward; an offloaded input costs
+    OFFLOAD_COST of that (its copies run on a side stream, ``OffloadedCheckpoint``), so inputs are
+    offloaded where that saves more recomputation than it costs, and where HOST_BYTES (the CPU
+    memory the run may pin) holds them; at equal cost they stay on the GPU. If even recomputing
+    every layer does not fit, their inputs are offloaded regardless. The plan's ``need_gib`` is
+    the estimate itself, without the margin, so that it can be checked against the peak measured.
 
     FIXED_BYTES: what is allocated whatever the plan (weights, adapter, optimizer state).
     A recomputed layer keeps its input (``2 * hidden`` bytes a token), a kept one every tensor
@@ -139,12 +146,12 @@ def plan(n_layers: int, saved_per_token_layer: int, hidden_size: int, tokens: in
         return Plan(n_layers, recomputed, saved_per_token_layer, budget_bytes / GIB,
                     need(recomputed, offload) / GIB, offload, fixed_bytes / GIB, margin_bytes / GIB)
 
-    for recomputed in range(0, n_layers + 1):
-        if need(recomputed) + margin_bytes <= budget_bytes:
-            return made(recomputed)
-        if recomputed and recomputed * ckpt <= host_bytes and need(recomputed, True) + margin_bytes <= budget_bytes:
-            return made(recomputed, offload=True)
-    return made(n_layers, offload=True)
+    fits = [(r * (1 + OFFLOAD_COST * offload), offload, r) for r in range(n_layers + 1) for offload in (False, True)
+            if (not offload or r > 0 and r * ckpt <= host_bytes) and need(r, offload) + margin_bytes <= budget_bytes]
+    if not fits:
+        return made(n_layers, offload=True)
+    _, offload, recomputed = min(fits)
+    return made(recomputed, offload)
 
 
 class OffloadChain:
