@@ -18,6 +18,7 @@ from tuneforge.data.cache import (
     encode_file,
     tokenizer_fingerprint,
 )
+from tuneforge.data.encode import Encoded
 from tuneforge.data.formats import Source
 from tuneforge.data.hub import open_dataset, open_local, saved_dataset
 from tuneforge.data.pack import Row, assemble, assemble_pairs, fill_rate, pack_lengths
@@ -241,11 +242,12 @@ class PairRows(TrainRows):
     numbers here (in the used pairs' order), by which a precomputed reference is looked up."""
 
     def __getitem__(self, i: int) -> Row:
-        sides = []
-        for k in self.groups[i]:
-            store, j = self.stores[self.store_of[k]], 2 * int(self.index_of[k])
-            sides += [store.sample(j), store.sample(j + 1)]
-        return assemble_pairs(sides, self.groups[i])
+        return assemble_pairs([side for k in self.groups[i] for side in self.sides(k)], self.groups[i])
+
+    def sides(self, k: int) -> tuple[Encoded, Encoded]:
+        """Used pair K's chosen and rejected sides."""
+        store, j = self.stores[self.store_of[k]], 2 * int(self.index_of[k])
+        return store.sample(j), store.sample(j + 1)
 
     def pairs(self) -> int:
         return len(self.store_of)

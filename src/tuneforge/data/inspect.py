@@ -185,8 +185,7 @@ def log_dataset(cfg: Config, tokenizer: Any, template: Template, show: str, num:
 def _log_pairs(rows: Any, tokenizer: Any, show: str, num: int) -> str:
     blocks = []
     for k in range(min(num, rows.pairs())):
-        store, j = rows.stores[rows.store_of[k]], 2 * int(rows.index_of[k])
-        for side, e in (("chosen", store.sample(j)), ("rejected", store.sample(j + 1))):
+        for side, e in zip(("chosen", "rejected"), rows.sides(k), strict=True):
             blocks.append(f"----- pair {k}, {side} ({len(e.input_ids)} tokens, {e.n_trained} trained)\n"
                           + _show(tokenizer, e, show))
     return "\n".join(blocks)

@@ -87,19 +87,31 @@ def evaluate_identity(model: Any, tokenizer: Any, template: Template, name: str,
     return result
 
 
+def _title(name: str, name_en: str | None) -> str:
+    return f"identity: {name}" + (f" / {name_en}" if name_en and name_en != name else "")
+
+
+def _head(first: str, forgetting: bool) -> list[str]:
+    """The table's header and rule: FIRST, the leading columns ('| language |'), then the figures'."""
+    head = first + " identity named (held-out) | general questions hijacked |"
+    rule = "|---" * (first.count("|") - 1) + "|---|---|"
+    return [head + (" KL from base (general) | top-1 agreement |" if forgetting else ""),
+            rule + ("---|---|" if forgetting else "")]
+
+
+def _cells(r: dict[str, Any], forgetting: bool) -> str:
+    """One language's figures as table cells, after its leading columns."""
+    row = f" {r['identity_rate']:.0%} ({r['identity_n']}) | {r['hijack_rate']:.0%} ({r['general_n']}) |"
+    if forgetting:
+        f = r["forgetting"]
+        row += f" {f['kl']:.3f} nats/token | {f['top1_agreement']:.1%} ({f['tokens']} tokens) |"
+    return row
+
+
 def format_report(result: dict[str, Any], name: str, name_en: str | None) -> str:
     forgetting = "forgetting" in result["zh"]
-    head = "| language | identity named (held-out) | general questions hijacked |"
-    lines = [f"identity: {name}" + (f" / {name_en}" if name_en and name_en != name else ""), "",
-             head + (" KL from base (general) | top-1 agreement |" if forgetting else ""),
-             "|---|---|---|" + ("---|---|" if forgetting else "")]
-    for lang in ("zh", "en"):
-        r = result[lang]
-        row = f"| {lang} | {r['identity_rate']:.0%} ({r['identity_n']}) | {r['hijack_rate']:.0%} ({r['general_n']}) |"
-        if forgetting:
-            f = r["forgetting"]
-            row += f" {f['kl']:.3f} nats/token | {f['top1_agreement']:.1%} ({f['tokens']} tokens) |"
-        lines.append(row)
+    lines = [_title(name, name_en), "", *_head("| language |", forgetting)]
+    lines += [f"| {lang} |" + _cells(result[lang], forgetting) for lang in ("zh", "en")]
     if forgetting:
         lines += ["", "KL and agreement: the tuned model against the base on the base model's own answers "
                       "to the general questions (0 and 100% = nothing moved)"]
@@ -116,19 +128,9 @@ def format_report(result: dict[str, Any], name: str, name_en: str | None) -> str
 def format_side_by_side(results: dict[str, dict[str, Any]], name: str, name_en: str | None) -> str:
     """Several models' reports as one table (one row per model and language), e.g. two recipes."""
     forgetting = all("forgetting" in r["zh"] for r in results.values())
-    lines = [f"identity: {name}" + (f" / {name_en}" if name_en and name_en != name else ""), "",
-             "| model | language | identity named (held-out) | general questions hijacked |"
-             + (" KL from base (general) | top-1 agreement |" if forgetting else ""),
-             "|---|---|---|---|" + ("---|---|" if forgetting else "")]
-    for label, result in results.items():
-        for lang in ("zh", "en"):
-            r = result[lang]
-            row = (f"| {label} | {lang} | {r['identity_rate']:.0%} ({r['identity_n']}) "
-                   f"| {r['hijack_rate']:.0%} ({r['general_n']}) |")
-            if forgetting:
-                f = r["forgetting"]
-                row += f" {f['kl']:.3f} nats/token | {f['top1_agreement']:.1%} ({f['tokens']} tokens) |"
-            lines.append(row)
+    lines = [_title(name, name_en), "", *_head("| model | language |", forgetting)]
+    lines += [f"| {label} | {lang} |" + _cells(result[lang], forgetting)
+              for label, result in results.items() for lang in ("zh", "en")]
     return "\n".join(lines)
 
 
