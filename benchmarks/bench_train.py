@@ -240,6 +240,7 @@ def tuneforge(run: Run, path: Path, lr: float, seq: int, steps: int, rows: list 
         return tokens
 
     step.plan = recipe.fast.describe() + (f"; {recipe.fast.memory.describe()}" if recipe.fast.memory else "")
+    step.recipe = recipe  # bench_long_context trains other rows on the same setup
     return step
 
 
