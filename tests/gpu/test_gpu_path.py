@@ -126,12 +126,20 @@ def test_offloaded_inputs_train_like_recomputed_ones_on_the_gpu(gpu_model_dir, t
         torch.cuda.empty_cache()
         recipe = set_up(gpu_model_dir, tmp_path / str(offload), rows, gradient_checkpointing=True)
         layers = recompute.decoder_layers(recipe.model)
-        recompute.apply(layers, len(layers), offload=offload)
+        chain = recompute.apply(layers, len(layers), offload=offload)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        out = losses(recipe, 6)
+        out = losses(recipe, 1)
+        first = {i: b.data_ptr() for i, b in chain.host.buffers.items()}
+        out += [recipe.step(i)[0] for i in range(1, 6)]
         peak = torch.cuda.max_memory_allocated() - before
+        if offload:  # one buffer per layer, exactly one row's bf16 hidden states, kept from step to step
+            hidden = recipe.model.config.hidden_size
+            assert sorted(chain.host.buffers) == list(range(len(layers)))
+            assert {b.numel() for b in chain.host.buffers.values()} == {2 * hidden * 4096}
+            assert {i: b.data_ptr() for i, b in chain.host.buffers.items()} == first
+            assert chain.host.pinning and all(b.is_pinned() for b in chain.host.buffers.values())
         del recipe
         return out, peak
 
