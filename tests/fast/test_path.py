@@ -307,3 +307,24 @@ def test_a_forward_without_backward_leaves_no_offloaded_graph_alive(tiny_model_d
     del loss
     gc.collect()
     assert node() is None
+
+
+def test_host_buffers_are_exact_sized_kept_and_grown_only_when_a_longer_input_comes(monkeypatch):
+    """The offloaded inputs' CPU memory: one buffer per layer of exactly the bytes its input
+    needs (torch's pinned allocator would round 3 GiB up to 4), the same buffer step after step,
+    a new one only for a longer input (the old one released first). Pinning itself needs a GPU
+    (tests/gpu); here the registration is stood in for."""
+    released = []
+    host = recompute.HostBuffers()
+    monkeypatch.setattr(host, "_pinned", lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    monkeypatch.setattr(host, "_release", lambda buf: released.append(buf.numel()))
+    x = torch.randn(1, 300, 64, dtype=torch.bfloat16)
+    a = host.get(0, x)
+    assert a.shape == x.shape and a.dtype == x.dtype and host.buffers[0].numel() == 300 * 64 * 2
+    assert host.get(0, x).data_ptr() == a.data_ptr()  # kept
+    shorter = host.get(0, x[:, :100])
+    assert shorter.shape == (1, 100, 64) and shorter.data_ptr() == a.data_ptr() and not released
+    longer = host.get(0, torch.randn(1, 500, 64, dtype=torch.bfloat16))
+    assert released == [300 * 64 * 2] and host.buffers[0].numel() == 500 * 64 * 2
+    assert longer.shape == (1, 500, 64)
+    assert host.get(1, x).data_ptr() != host.buffers[0].data_ptr()  # one per layer

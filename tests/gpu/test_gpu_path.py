@@ -139,7 +139,8 @@ def test_offloaded_inputs_train_like_recomputed_ones_on_the_gpu(gpu_model_dir, t
             assert sorted(chain.host.buffers) == list(range(len(layers)))
             assert {b.numel() for b in chain.host.buffers.values()} == {2 * hidden * 4096}
             assert {i: b.data_ptr() for i, b in chain.host.buffers.items()} == first
-            assert chain.host.pinning and all(b.is_pinned() for b in chain.host.buffers.values())
+            # page-locked by registration (exact size), not by torch's power-of-two pinned allocator
+            assert chain.host.pinning and len(chain.host.registered) == len(layers)
         del recipe
         return out, peak
 
