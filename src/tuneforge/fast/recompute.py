@@ -9,6 +9,8 @@ functions in use.
 
 from __future__ import annotations
 
+import mmap
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import torch
 import torch.utils.checkpoint
 
 GIB = 1 << 30
+PAGE = mmap.PAGESIZE
 
 
 @dataclass
@@ -196,7 +199,7 @@ class OffloadChain:
 
 
 class HostBuffers:
-    """One page-locked CPU buffer per offloaded layer, of exactly the size its input needs, kept
+    """One page-locked CPU buffer per offloaded layer, of the size its input needs (to the page), kept
     from step to step. ``torch.empty(pin_memory=True)`` rounds every allocation up to a power of
     two: a 320k-token row's 2.5 GiB layer input takes 4 GiB there, 60% more host memory for
     every layer, and host memory is what ends a long-context run. Reuse is safe because every
@@ -218,12 +221,21 @@ class HostBuffers:
         return buf[:need].view(like.dtype).view(like.shape)
 
     def _pinned(self, nbytes: int) -> torch.Tensor:
+        """NBYTES (rounded up to whole pages) of page-locked memory, its start page-aligned: the
+        region registered is whole pages, whatever the C allocator's alignment."""
         if self.pinning:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
+            size = -(-nbytes // PAGE) * PAGE
+            raw = torch.empty(size + PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % PAGE
+            buf = raw[start:start + size]  # the view keeps RAW's memory alive
+            rc = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0))
+            if rc == 0:
                 self.registered.append(buf.data_ptr())
                 return buf
-            self.pinning = False  # registration refused (a container's locked-memory limit)
+            self.pinning = False  # e.g. a container's locked-memory limit
+            warnings.warn(f"offloaded layer inputs: cudaHostRegister refused {size} bytes (CUDA error {rc}); "
+                          "using torch's pinned allocator, which rounds each buffer up to a power of two "
+                          "(up to 2x the host memory)", stacklevel=2)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def _release(self, buf: torch.Tensor) -> None:
