@@ -369,10 +369,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.render:
-        payload = json.loads(args.render.read_text())
-        payload = payload.get(MARK, payload)
-        write_results(payload["rows"], payload["meta"], HERE)
-        print(render_table(payload["rows"], payload["meta"]))
+        sbs.render_saved(args.render, MARK, write_results, render_table)
         return
     if args.one or args.info:
         print("RESULT " + json.dumps(sbs.make_model(args) if args.info else worker(args.one, args)), flush=True)

@@ -196,10 +196,7 @@ def main() -> None:
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.render:
-        payload = json.loads(args.render.read_text())
-        payload = payload.get(MARK, payload)
-        write_results(payload["rows"], payload["meta"], HERE)
-        print(render_table(payload["rows"], payload["meta"]))
+        sbs.render_saved(args.render, MARK, write_results, render_table)
         return
     args.shape = args.shape or ("tiny" if args.tiny else "internlm2.5-7b")
     args.lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else \
@@ -207,7 +204,9 @@ def main() -> None:
     args.warmup_lengths = [16, 32] if args.tiny else WARMUP
     if args.tiny:
         args.doc_tokens = min(args.doc_tokens, 64)
-    args.model = args.model or sbs.model_dir(args.shape).with_name(sbs.model_dir(args.shape).name + "-long")
+    if args.model is None:
+        shared = sbs.model_dir(args.shape)
+        args.model = shared.with_name(shared.name + "-long")
     if args.one or args.info:
         print("RESULT " + json.dumps(make_model(args) if args.info else worker(args.one, args)), flush=True)
         return

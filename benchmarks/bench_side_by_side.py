@@ -380,10 +380,7 @@ def main() -> None:
     ap.add_argument("--profile-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.render:
-        payload = json.loads(args.render.read_text())
-        payload = payload.get(MARK, payload)
-        write_results(payload["rows"], payload["meta"], HERE)
-        print(render_table(payload["rows"], payload["meta"]))
+        render_saved(args.render, MARK, write_results, render_table)
         return
     args.shape = args.shape or ("tiny" if args.tiny else "internlm2.5-7b")
     args.seq = args.seq or (128 if args.tiny else 4096)
@@ -503,6 +500,16 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     """OUT/results.json under the key "side-by-side" (other benchmarks' keys kept) and the table
     between this benchmark's markers in OUT/RESULTS.md."""
     write_marked(out, MARK, {"meta": meta, "rows": with_derived(rows, meta)}, render_table(rows, meta))
+
+
+def render_saved(path: Path, mark: str, write: Callable[[list[dict], dict, Path], None],
+                 render: Callable[[list[dict], dict], str]) -> None:
+    """--render: a results.json from another machine (its MARK section, or the section itself)
+    written into benchmarks/ with WRITE, and its table printed with RENDER."""
+    payload = json.loads(path.read_text())
+    payload = payload.get(mark, payload)
+    write(payload["rows"], payload["meta"], HERE)
+    print(render(payload["rows"], payload["meta"]))
 
 
 def write_marked(out: Path, mark: str, section: dict, table: str) -> None:

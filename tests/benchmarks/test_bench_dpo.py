@@ -7,14 +7,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from waits import limit
+from run_bench import run_bench
 
 from tuneforge.data.batching import collate, micro_batches
 from tuneforge.data.encode import IGNORE
@@ -34,11 +32,7 @@ def trl_importable() -> bool:
 def test_both_rows_train_dpo_from_log_2_on_the_same_pairs(tmp_path):
     out = tmp_path / "out"
     rows = ["tuneforge-dpo"] + (["trl-dpo"] if trl_importable() else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_dpo.py"), "--tiny", "--rows", ",".join(rows),
-                           "--out", str(out), "--model", str(tmp_path / "model")],
-                          capture_output=True, text=True, env=env, timeout=limit(600))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_bench("bench_dpo.py", "--tiny", "--rows", ",".join(rows), "--out", str(out), "--model", str(tmp_path / "model"))
     got = {r["run"]: r for r in json.loads((out / "results.json").read_text())["dpo"]["rows"]}
     assert list(got) == rows
     for name, r in got.items():

@@ -5,13 +5,11 @@ from lengths that trained, and never where memory already ran out."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from waits import limit
+from run_bench import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -39,11 +37,7 @@ def test_the_prediction_extends_the_line_through_the_last_two_peaks():
 def test_rows_climb_their_ladder_and_a_missing_peer_is_its_error(tmp_path):
     out = tmp_path / "out"
     rows = "tuneforge-lora,unsloth-lora,hf-lora,tuneforge-lora-packed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_long_context.py"), "--tiny",
-                           "--rows", rows, "--out", str(out), "--model", str(tmp_path / "model")],
-                          capture_output=True, text=True, env=env, timeout=limit(600))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_bench("bench_long_context.py", "--tiny", "--rows", rows, "--out", str(out), "--model", str(tmp_path / "model"))
     got = {r["run"]: r for r in json.loads((out / "results.json").read_text())["long-context"]["rows"]}
     assert list(got) == rows.split(",")
     assert "unsloth" in got["unsloth-lora"]["error"].lower() or "accelerator" in got["unsloth-lora"]["error"]

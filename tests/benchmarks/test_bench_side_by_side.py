@@ -5,13 +5,11 @@ the same tokens; the profile puts each kernel in the phase that launched it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from waits import limit
+from run_bench import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -23,12 +21,8 @@ def test_a_crashing_row_is_its_error_and_the_others_still_run(tmp_path):
     out = tmp_path / "out"
     # on this CPU-only machine Unsloth cannot run (not installed, or no accelerator): its row must fail
     rows = "hf-lora-full,unsloth-lora-full,tuneforge-lora-full"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_side_by_side.py"), "--tiny",
-                           "--rows", rows, "--steps", "2", "--warmup", "1", "--out", str(out),
-                           "--model", str(tmp_path / "model")],
-                          capture_output=True, text=True, env=env, timeout=limit(600))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_bench("bench_side_by_side.py", "--tiny", "--rows", rows, "--steps", "2", "--warmup", "1", "--out", str(out),
+              "--model", str(tmp_path / "model"))
     got = {r["run"]: r for r in json.loads((out / "results.json").read_text())["side-by-side"]["rows"]}
     assert list(got) == rows.split(",")
     assert "unsloth" in got["unsloth-lora-full"]["error"].lower() or "accelerator" in got["unsloth-lora-full"]["error"]
